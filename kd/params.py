@@ -1,0 +1,254 @@
+"""Typed, validated view of params.yaml.
+
+Every stage calls :func:`load_params` first, so a misspelt key, a wrong type or an impossible
+combination fails before any work starts, with a message that names the key and the fix.
+The models mirror params.yaml section by section; `extra="forbid"` everywhere, because a silently
+ignored key is a silently wrong experiment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+# The loss terms a scheme may weight, and the arguments each uses. kd/losses.py implements them.
+LOSS_TERMS = ("embedding", "hidden", "attention", "logit")
+INTERMEDIATE_TERMS = ("embedding", "hidden", "attention")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Base(Strict):
+    seed: NonNegInt = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["bf16", "fp32"] = "bf16"
+    threads: NonNegInt = 0
+
+
+class Paths(Strict):
+    corpus: Path = Path("data/corpus")
+    tokens: Path = Path("data/tokens")
+    teacher: Path = Path("data/teacher")
+    student_init: Path = Path("data/student_init")
+    students: Path = Path("data/students")
+    checkpoints: Path = Path("data/checkpoints")
+    metrics: Path = Path("data/metrics")
+    plots: Path = Path("data/plots")
+    report: Path = Path("data/report")
+    distilled: Path = Path("data/distilled")
+
+
+class Corpus(Strict):
+    source: Literal["wiki_offline", "hf", "text"] = "wiki_offline"
+    hf_name: str = "wikimedia/wikipedia"
+    hf_config: str | None = "20231101.en"
+    hf_split: str = "train"
+    hf_text_column: str = "text"
+    text_path: Path | None = None
+    text_column: str = "text"
+    n_docs: PositiveInt | None = None
+    n_words: PositiveInt | None = None
+    test_fraction: Fraction = 0.05
+    min_chars: NonNegInt = 32
+
+    @model_validator(mode="after")
+    def _check(self) -> Corpus:
+        if self.n_docs is not None and self.n_words is not None:
+            raise ValueError(
+                "corpus.n_docs and corpus.n_words are both set: choose one way to size the "
+                "sample (set the other to null)"
+            )
+        if self.source == "text" and self.text_path is None:
+            raise ValueError(
+                "corpus.source is 'text' but corpus.text_path is null: point it at a .txt, "
+                ".jsonl or .parquet file, or a folder of them"
+            )
+        if self.source == "hf" and self.n_docs is None and self.n_words is None:
+            raise ValueError(
+                "corpus.source is 'hf' (streamed) but neither corpus.n_docs nor corpus.n_words "
+                "is set: a hub dataset is too large to take whole; set one of them"
+            )
+        return self
+
+
+class Tokenize(Strict):
+    teacher_tokenizer: str | None = None
+    student_tokenizer: str | None = None
+    max_seq_length: Annotated[int, Field(ge=8, le=4096)] = 128
+    mlm_probability: Fraction = 0.15
+    mask_seed: NonNegInt = 1234
+    num_proc: PositiveInt = 1
+
+
+class Teacher(Strict):
+    source: str = "default"
+    adapt_steps: NonNegInt = 400
+    lr: PositiveFloat = 6e-4
+    batch_size: PositiveInt = 16
+    warmup_steps: NonNegInt = 30
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    eval_batches: PositiveInt = 20
+
+
+class Student(Strict):
+    checkpoint: str | None = None
+    hidden_size: PositiveInt = 312
+    num_hidden_layers: PositiveInt = 4
+    num_attention_heads: PositiveInt = 12
+    intermediate_size: PositiveInt = 1200
+
+    @model_validator(mode="after")
+    def _check(self) -> Student:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"student.hidden_size ({self.hidden_size}) is not divisible by "
+                f"student.num_attention_heads ({self.num_attention_heads}): pick a head count "
+                "that divides the hidden size"
+            )
+        return self
+
+
+class Train(Strict):
+    batch_size: PositiveInt = 16
+    epochs: PositiveFloat = 1.0
+    max_steps: PositiveInt | None = None
+    lr: PositiveFloat = 5e-4
+    warmup_steps: NonNegInt = 30
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    max_grad_norm: PositiveFloat = 1.0
+    masking: Literal["dynamic", "static"] = "dynamic"
+    log_every: PositiveInt = 10
+    checkpoint_every: PositiveInt = 100
+
+
+class Scheme(Strict):
+    """A named, weighted set of loss terms and the options those terms take."""
+
+    terms: dict[str, Annotated[float, Field(ge=0)]]
+    temperature: PositiveFloat = 1.0
+    logit_positions: Literal["masked", "all"] = "masked"
+    attention_target: Literal["probs", "scores"] = "probs"
+    projection: Literal["per_layer", "shared"] = "per_layer"
+    layer_map: Literal["uniform"] | list[PositiveInt] = "uniform"
+
+    @field_validator("terms")
+    @classmethod
+    def _known_terms(cls, terms: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(terms) - set(LOSS_TERMS))
+        if unknown:
+            raise ValueError(
+                f"unknown loss term(s) {unknown}: the known terms are {list(LOSS_TERMS)}"
+            )
+        if not any(w > 0 for w in terms.values()):
+            raise ValueError("every term weight is 0: give at least one term a positive weight")
+        return terms
+
+    @property
+    def active_terms(self) -> dict[str, float]:
+        return {k: v for k, v in self.terms.items() if v > 0}
+
+    @property
+    def uses_intermediate(self) -> bool:
+        return any(t in self.active_terms for t in INTERMEDIATE_TERMS)
+
+
+class Loss(Strict):
+    scheme: str = "multi"
+    arms: list[str] = Field(default_factory=lambda: ["logit", "multi"], min_length=1)
+    schemes: dict[str, Scheme]
+
+    @model_validator(mode="after")
+    def _check(self) -> Loss:
+        known = sorted(self.schemes)
+        for arm in self.arms:
+            if arm not in self.schemes:
+                raise ValueError(
+                    f"loss.arms names '{arm}', which is not a scheme: define it under "
+                    f"loss.schemes or use one of {known}"
+                )
+        if len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"loss.arms lists an arm twice: {self.arms}")
+        if self.scheme not in self.arms:
+            raise ValueError(
+                f"loss.scheme is '{self.scheme}', which is not one of the trained arms "
+                f"{self.arms}: set loss.scheme to one of them (e.g. -S loss.scheme={self.arms[0]})"
+            )
+        return self
+
+
+class Evaluate(Strict):
+    batch_size: PositiveInt = 16
+    train_batches: PositiveInt = 16
+    test_batches: PositiveInt | None = None
+    lstsq_batches: PositiveInt = 8
+
+
+class Params(Strict):
+    base: Base = Base()
+    paths: Paths = Paths()
+    corpus: Corpus = Corpus()
+    tokenize: Tokenize = Tokenize()
+    teacher: Teacher = Teacher()
+    student: Student = Student()
+    train: Train = Train()
+    loss: Loss
+    evaluate: Evaluate = Evaluate()
+
+
+class ParamsError(SystemExit):
+    """A params.yaml problem, reported as one readable paragraph (exit status 2)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _format(err: ValidationError, path: Path) -> str:
+    lines = [f"{path} is not valid ({err.error_count()} problem(s)); nothing was run:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key: check its spelling against params.yaml's documented keys, or remove it"
+        elif e["type"] == "missing":
+            msg = "required key is missing: add it (see the defaults in the repository's params.yaml)"
+        else:
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  - {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict, source: Path | str = "params.yaml") -> Params:
+    """Validate an already-loaded params mapping; raises :class:`ParamsError`."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ParamsError(_format(err, Path(source))) from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Read and validate params.yaml (relative to the working directory, where DVC runs stages)."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found: run from the repository root, where params.yaml is")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, path)

@@ -1,0 +1,63 @@
+"""Device, precision, threads and the one seed: decided once per stage, from params."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+from kd.params import Base
+
+
+def set_seed(seed: int) -> torch.Generator:
+    """Seed every global RNG and return an explicit generator for data order and masking."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def pick_device(base: Base) -> torch.device:
+    if base.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("base.device is 'cuda' but no CUDA device is visible: set base.device: auto")
+    if base.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(base.device)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # oneDNN emulates bf16 on any x86 CPU, but only AVX512-BF16 or AMX make it faster than fp32.
+    flags = _cpu_flags().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast where asked for and supported; a no-op context otherwise."""
+    if precision == "bf16" and bf16_supported(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def setup(base: Base) -> tuple[torch.device, torch.Generator]:
+    """Apply threads and seed; return the device and the stage's explicit generator."""
+    if base.threads:
+        torch.set_num_threads(base.threads)
+    # Tokenizers fork-parallelism warns (and can deadlock) once torch has started threads.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return pick_device(base), set_seed(base.seed)

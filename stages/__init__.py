@@ -1,0 +1,1 @@
+"""One module per DVC stage; each is a thin ``main()`` over the ``kd`` library."""

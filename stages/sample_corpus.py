@@ -1,0 +1,24 @@
+"""sample_corpus: a seeded, document-level sample of the corpus, split into train and test."""
+
+from __future__ import annotations
+
+from kd import corpus, tracking
+from kd.io import atomic_dir, write_json
+from kd.params import load_params
+
+
+def main() -> None:
+    p = load_params()
+    with tracking.start_run("sample_corpus", params=p.corpus.model_dump()) as run:
+        splits = corpus.sample(p.corpus, p.base.seed)
+        with atomic_dir(p.paths.corpus) as tmp:
+            for name, docs in splits.items():
+                corpus.write_split(tmp / f"{name}.jsonl", docs)
+        stats = corpus.stats(splits)
+        write_json(p.paths.metrics / "corpus.json", stats)
+        run.log_metrics({f"{s}.{k}": v for s, d in stats.items() for k, v in d.items()})
+    print(f"sampled {stats['train']['docs']} train and {stats['test']['docs']} test documents")
+
+
+if __name__ == "__main__":
+    main()
