@@ -141,7 +141,7 @@ class Run:
         self._call("log_artifacts", self._mlflow.log_artifacts, str(path), artifact_path)
 
 
-def _open(stage: str, arm: str | None, tags: Mapping[str, object]):
+def _open(stage: str, arm: str | None, tags: Mapping[str, object], run_id: str | None):
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -163,6 +163,13 @@ def _open(stage: str, arm: str | None, tags: Mapping[str, object]):
         **({"kd.arm": arm} if arm else {}),
         **{k: str(v) for k, v in tags.items()},
     }
+    if run_id is not None:
+        try:
+            # A resumed stage continues the run its checkpoint names: one curve, not two halves.
+            run = mlflow.start_run(run_id=run_id)
+            return mlflow, run.info.run_id
+        except Exception:  # noqa: BLE001 - that run is gone (another database): start afresh
+            pass
     run = mlflow.start_run(experiment_id=exp_id, run_name=name, tags=all_tags)
     return mlflow, run.info.run_id
 
@@ -174,13 +181,14 @@ def start_run(
     arm: str | None = None,
     tags: Mapping[str, object] | None = None,
     enabled: bool = True,
+    run_id: str | None = None,
 ) -> Iterator[Run]:
     """Open one tagged MLflow run for a stage; yields a :class:`Run` that never raises."""
     if not enabled:
         yield Run(None, None)
         return
     try:
-        mlflow, run_id = _open(stage, arm, tags or {})
+        mlflow, run_id = _open(stage, arm, tags or {}, run_id)
     except Exception as err:  # noqa: BLE001
         print(
             f"warning: cannot reach MLflow at {tracking_uri()} ({type(err).__name__}: {err}); "

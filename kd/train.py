@@ -1,0 +1,230 @@
+"""The distillation loop, shared by every arm: the scheme decides the terms, nothing else differs.
+
+Each step: a batch of packed blocks in a seeded order, fresh MLM masks, the teacher's targets,
+the student's terms, backward, per-layer gradient norms (before clipping), clip, AdamW, schedule.
+The randomness of step ``k`` (batch order, masks) is a pure function of (seed, k), and dropout's
+RNG state is checkpointed, so a resumed run replays exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from torch import nn
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from kd import checkpoint
+from kd.distill import Distiller
+from kd.gradnorm import grad_norms, layer_groups
+from kd.masking import mask_tokens
+from kd.params import Train
+from kd.runtime import autocast
+
+
+class NonFiniteLoss(SystemExit):
+    pass
+
+
+def steps_per_epoch(n_blocks: int, batch_size: int) -> int:
+    if n_blocks < batch_size:
+        raise SystemExit(
+            f"the train split has {n_blocks} blocks, fewer than train.batch_size={batch_size}: "
+            "sample more documents or lower the batch size"
+        )
+    return n_blocks // batch_size  # drop the ragged tail: every step sees a full batch
+
+
+def total_steps(cfg: Train, n_blocks: int) -> int:
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(n_blocks, cfg.batch_size)))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    # Distinct, reproducible streams per step; large odd multiplier keeps (seed, step) pairs apart.
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def batch_indices(n_blocks: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The blocks of global step ``step``: a fresh seeded permutation every epoch."""
+    per_epoch = steps_per_epoch(n_blocks, batch_size)
+    epoch, k = divmod(step, per_epoch)
+    order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return order[k * batch_size : (k + 1) * batch_size].tolist()
+
+
+@dataclass(frozen=True)
+class Masking:
+    """How a batch's MLM inputs are made: the tokenize stage's fixed masks, or fresh ones."""
+
+    mode: str  # "static" | "dynamic"
+    mask_token_id: int
+    vocab_size: int
+    probability: float
+
+
+def make_batch(
+    ds: Dataset, indices: list[int], masking: Masking, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    rows = ds[indices]
+    batch = {"attention_mask": torch.as_tensor(rows["attention_mask"], dtype=torch.long)}
+    if masking.mode == "static":
+        batch["input_ids"] = torch.as_tensor(rows["mlm_input_ids"], dtype=torch.long)
+        batch["labels"] = torch.as_tensor(rows["mlm_labels"], dtype=torch.long)
+    else:
+        batch["input_ids"], batch["labels"] = mask_tokens(
+            torch.as_tensor(rows["input_ids"], dtype=torch.long),
+            torch.as_tensor(rows["special_tokens_mask"]),
+            masking.mask_token_id,
+            masking.vocab_size,
+            masking.probability,
+            gen,
+        )
+    return batch
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases and LayerNorm weights (as BERT's optimiser)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+@dataclass
+class Result:
+    rows: list[dict[str, float]] = field(default_factory=list)
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+def train(
+    distiller: Distiller,
+    teacher: nn.Module,
+    ds: Dataset,
+    cfg: Train,
+    *,
+    seed: int,
+    precision: str,
+    device: torch.device,
+    masking: Masking,
+    run,
+    ckpt_dir,
+    fingerprint: str,
+    resume: dict | None = None,
+) -> Result:
+    n_steps = total_steps(cfg, len(ds))
+    distiller.to(device).train()
+    teacher.to(device).eval()
+    opt = torch.optim.AdamW(param_groups(distiller, cfg.weight_decay), lr=cfg.lr)
+    sched = get_linear_schedule_with_warmup(opt, min(cfg.warmup_steps, n_steps), n_steps)
+    extra = {"projections": distiller.projections} if distiller.projections is not None else {}
+    groups = layer_groups(distiller.student, extra)
+    result = Result()
+    sums: dict[str, float] = {}
+    start, elapsed, tokens = 0, 0.0, 0
+    if resume is not None:
+        distiller.load_state_dict(resume["distiller"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng_cpu"])
+        if device.type == "cuda" and resume.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(resume["rng_cuda"])
+        start, elapsed, tokens = resume["step"], resume["seconds"], resume["tokens"]
+        result.rows, sums = resume["rows"], resume["sums"]
+        print(f"resuming from step {start} of {n_steps}")
+
+    def save_checkpoint(step: int) -> None:
+        checkpoint.save(
+            ckpt_dir,
+            {
+                "fingerprint": fingerprint,
+                "step": step,
+                "seconds": elapsed,
+                "tokens": tokens,
+                "rows": result.rows,
+                "sums": sums,
+                "distiller": distiller.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                "mlflow_run_id": run.run_id,
+            },
+        )
+
+    params = [p for g in groups.values() for p in g]
+    bar = tqdm(total=n_steps, initial=start, desc="distil", unit="step", mininterval=5)
+    step = start
+    try:
+        while step < n_steps:
+            t0 = time.perf_counter()
+            gen = step_generator(seed, step)
+            idx = batch_indices(len(ds), cfg.batch_size, seed, step)
+            batch = make_batch(ds, idx, masking, gen)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast(device, precision):
+                terms = distiller(batch, teacher)
+            loss = distiller.total(terms)
+            values = {f"loss/{k}": v.item() for k, v in terms.items()}
+            values["loss/total"] = loss.item()
+            if not math.isfinite(values["loss/total"]):
+                bad = [k for k, v in values.items() if not math.isfinite(v)]
+                raise NonFiniteLoss(
+                    f"the loss became non-finite at step {step} (terms: {', '.join(bad)}); the "
+                    "weights were not updated and the last checkpoint is kept. Lower train.lr, "
+                    "raise train.warmup_steps, or try base.precision: fp32"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norms = {f"grad_norm/{k}": v for k, v in grad_norms(groups).items()}
+            clipped = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            norms["grad_norm/clipped"] = min(float(clipped), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            step += 1
+            elapsed += time.perf_counter() - t0
+            tokens += int(batch["attention_mask"].sum())
+            for k, v in {**values, **norms}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if step % cfg.log_every == 0 or step == n_steps:
+                row = {
+                    "step": step,
+                    "tokens": tokens,
+                    "seconds": round(elapsed, 3),
+                    "lr": sched.get_last_lr()[0],
+                    **values,
+                    **norms,
+                }
+                result.rows.append(row)
+                run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+                bar.set_postfix(loss=f"{values['loss/total']:.3f}")
+            if step % cfg.checkpoint_every == 0 and step < n_steps:
+                save_checkpoint(step)
+            bar.update(1)
+    except KeyboardInterrupt:
+        save_checkpoint(step)
+        bar.close()
+        raise SystemExit(
+            f"interrupted at step {step}: checkpoint saved in {ckpt_dir}; rerun the stage "
+            "(`dvc repro`) to resume"
+        ) from None
+    bar.close()
+    result.summary = {
+        "steps": step,
+        "epochs": step * cfg.batch_size / len(ds),
+        "tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed if elapsed else 0.0,
+        "sequences_per_s": step * cfg.batch_size / elapsed if elapsed else 0.0,
+        **{f"mean/{k}": v / max(step, 1) for k, v in sums.items()},
+        **{f"final/{k}": v for k, v in result.rows[-1].items() if k.startswith("loss/")},
+    }
+    return result

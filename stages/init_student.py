@@ -1,0 +1,30 @@
+"""init_student: build the student once, seeded; both arms start from exactly these weights."""
+
+from __future__ import annotations
+
+from kd import assets, student, tracking
+from kd.io import atomic_dir, write_json
+from kd.params import load_params
+from kd.runtime import setup
+
+
+def main() -> None:
+    p = load_params()
+    setup(p.base)
+    _, student_tok = assets.tokenizers(p)
+    teacher_tok = assets.load_tokenizer(p.tokenize.teacher_tokenizer or p.teacher.source)
+    with tracking.start_run("init_student", params=p.student.model_dump()) as run:
+        model = student.build(p.student, len(teacher_tok), p.tokenize.max_seq_length, p.base.seed)
+        digest = student.weights_hash(model)
+        with atomic_dir(p.paths.student_init) as tmp:
+            model.save_pretrained(tmp)
+            student_tok.save_pretrained(tmp)
+        info = {"params": student.n_params(model), "weights_sha256": digest}
+        write_json(p.paths.metrics / "student_init.json", info)
+        run.log_metrics({"params": info["params"]})
+        run.set_tags({"kd.student_init_sha256": digest})
+    print(f"student: {info['params'] / 1e6:.1f}M parameters, sha256 {digest[:12]}")
+
+
+if __name__ == "__main__":
+    main()

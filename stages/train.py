@@ -1,0 +1,108 @@
+"""train@<arm>: distil the teacher into the initial student with the arm's scheme."""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from kd import checkpoint, student, tokens, tracking
+from kd.distill import Distiller
+from kd.io import atomic_dir, atomic_file, read_json, write_json
+from kd.params import load_params
+from kd.runtime import setup
+from kd.train import Masking, train
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--arm", required=True, help="a scheme name listed in loss.arms")
+    arm = ap.parse_args(argv).arm
+    p = load_params()
+    if arm not in p.loss.arms:
+        raise SystemExit(f"--arm {arm!r} is not in loss.arms {p.loss.arms}")
+    scheme = p.loss.schemes[arm]
+    device, _ = setup(p.base)
+
+    ds = tokens.load(p.paths.tokens)["train"]
+    tok = AutoTokenizer.from_pretrained(p.paths.teacher)
+    teacher = AutoModelForMaskedLM.from_pretrained(p.paths.teacher)
+    init = AutoModelForMaskedLM.from_pretrained(p.paths.student_init)
+    init_hash = student.weights_hash(init)
+    expected = read_json(p.paths.metrics / "student_init.json")["weights_sha256"]
+    if init_hash != expected:
+        raise SystemExit(
+            f"{p.paths.student_init} does not hold the weights init_student recorded "
+            f"({init_hash[:12]} != {expected[:12]}): rebuild it with `dvc repro -f init_student`"
+        )
+    distiller = Distiller(init, teacher, scheme)
+
+    ckpt_dir = p.paths.checkpoints / arm
+    fingerprint = checkpoint.fingerprint(
+        arm,
+        scheme.model_dump(),
+        p.train.model_dump(),
+        p.base.seed,
+        p.base.precision,
+        init_hash,
+        checkpoint.file_digest(p.paths.teacher / "model.safetensors"),
+        checkpoint.file_digest(p.paths.tokens / "train" / "dataset_info.json"),
+    )
+    resume = checkpoint.load(ckpt_dir, fingerprint)
+    run_params = {"scheme": scheme.model_dump(), "train": p.train.model_dump(), "seed": p.base.seed}
+    with tracking.start_run(
+        "train",
+        params=None if resume else run_params,
+        arm=arm,
+        tags={"kd.scheme_terms": ",".join(scheme.active_terms), "kd.student_init_sha256": init_hash},
+        run_id=resume.get("mlflow_run_id") if resume else None,
+    ) as run:
+        result = train(
+            distiller,
+            teacher,
+            ds,
+            p.train,
+            seed=p.base.seed,
+            precision=p.base.precision,
+            device=device,
+            masking=Masking(
+                p.train.masking, tok.mask_token_id, len(tok), p.tokenize.mlm_probability
+            ),
+            run=run,
+            ckpt_dir=ckpt_dir,
+            fingerprint=fingerprint,
+            resume=resume,
+        )
+        summary = {**result.summary, "layer_map": distiller.layer_map}
+        with atomic_dir(p.paths.students / arm) as tmp:
+            distiller.student.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            if distiller.projections is not None:
+                torch.save(distiller.projections.state_dict(), tmp / "projections.pt")
+            write_json(
+                tmp / "kd_config.json",
+                {
+                    "arm": arm,
+                    "scheme": scheme.model_dump(),
+                    "layer_map": distiller.layer_map,
+                    "train": p.train.model_dump(),
+                    "seed": p.base.seed,
+                    "student_init_sha256": init_hash,
+                },
+            )
+        with atomic_file(p.paths.plots / f"train_{arm}.csv") as f:
+            pd.DataFrame(result.rows).to_csv(f, index=False)
+        write_json(p.paths.metrics / f"train_{arm}.json", summary)
+        run.log_metrics({k: v for k, v in result.summary.items() if isinstance(v, float | int)})
+        run.log_artifact(p.paths.plots / f"train_{arm}.csv")
+    checkpoint.remove(ckpt_dir)
+    print(
+        f"{arm}: {summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
+        f"final loss {summary['final/loss/total']:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
