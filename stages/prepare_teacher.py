@@ -1,0 +1,69 @@
+"""prepare_teacher: load the teacher, adapt an MLM head when it has none, score it, save it."""
+
+from __future__ import annotations
+
+import sys
+
+from kd import assets, runtime, teacher, tokens, tracking
+from kd.io import atomic_dir, write_json
+from kd.params import load_params
+
+
+def main() -> None:
+    p = load_params()
+    device, gen = runtime.setup(p.base)
+    dd = tokens.load(p.paths.tokens)
+    # The tokenizer the token dataset was built with (see assets.tokenizers): saved alongside.
+    tokenizer = assets.load_tokenizer(p.tokenize.teacher_tokenizer or p.teacher.source)
+    model, has_head = teacher.load_teacher(p.teacher.source)
+    model.to(device)
+    adapt = not has_head and p.teacher.adapt_steps > 0
+    if not has_head and not adapt:
+        print(
+            "warning: the teacher has no MLM head and teacher.adapt_steps is 0: its head stays "
+            "random and its logits mean nothing (set teacher.adapt_steps > 0 to adapt it)",
+            file=sys.stderr,
+        )
+    print(f"teacher '{p.teacher.source}': MLM head {'present' if has_head else 'missing'}")
+    with tracking.start_run("prepare_teacher", params=p.teacher.model_dump()) as run:
+        run.set_tags({"kd.teacher_adapted": adapt})
+        info = {"adapt_steps": 0, "adapt_seconds": 0.0}
+        if adapt:
+            info = teacher.adapt(
+                model,
+                dd["train"],
+                p.teacher,
+                p.base,
+                device,
+                gen,
+                run,
+                mask_token_id=tokenizer.mask_token_id,
+                mlm_probability=p.tokenize.mlm_probability,
+            )
+        scores = teacher.evaluate_mlm(
+            model,
+            dd["test"],
+            p.teacher.batch_size,
+            p.teacher.eval_batches,
+            device,
+            p.base.precision,
+        )
+        result = {
+            **scores,
+            "adapted": adapt,
+            "adapt_steps": info["adapt_steps"],
+            "adapt_seconds": info["adapt_seconds"],
+        }
+        with atomic_dir(p.paths.teacher) as tmp:
+            teacher.save(model, tokenizer, tmp)
+        write_json(p.paths.metrics / "teacher.json", result)
+        run.log_metrics({f"teacher.{k}": float(v) for k, v in result.items()})
+    print(
+        f"teacher: masked top-1 {result['top1']:.1%}, top-5 {result['top5']:.1%}, "
+        f"loss {result['mlm_loss']:.3f} on {result['masked_positions']} positions"
+        + (f" after {info['adapt_steps']} steps ({info['adapt_seconds']:.0f} s)" if adapt else "")
+    )
+
+
+if __name__ == "__main__":
+    main()
