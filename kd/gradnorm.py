@@ -6,6 +6,8 @@ would hide the very imbalance these numbers are meant to show.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 from torch.nn import Parameter
@@ -35,7 +37,7 @@ def layer_groups(
     seen: set[int] = set()
     groups: dict[str, list[Parameter]] = {}
 
-    def take(params) -> list[Parameter]:
+    def take(params: Iterable[Parameter]) -> list[Parameter]:
         out = []
         for p in params:
             # Identity, not name: tied weights are one tensor under several names.

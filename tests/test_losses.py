@@ -83,6 +83,7 @@ def test_hidden_mse_grad_and_bf16() -> None:
     s = torch.randn(2, 3, 4, dtype=torch.bfloat16, requires_grad=True)
     t = torch.randn(2, 3, 4, dtype=torch.bfloat16)
     s_pad = s.clone()
+    s_pad[0, 2] = float("inf")  # padding may hold garbage; it must not poison the gradient
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     loss = hidden_mse(s_pad, t, mask)
     assert loss.dtype == torch.float32
