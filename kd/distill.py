@@ -92,16 +92,21 @@ def logit_positions(batch: dict[str, Tensor], where: str) -> Tensor:
 
 
 class Projections(nn.Module):
-    """Linear maps from the student's width to the teacher's: index 0 embeddings, i layer i."""
+    """Linear maps from the student's width to the teacher's, keyed by student layer.
 
-    def __init__(self, d_student: int, d_teacher: int, n_layers: int, shared: bool):
+    Index 0 is the embedding output, i the output of layer i. Only the indices a scheme uses get
+    a map (an unused map would hold parameters without gradients, which DDP rejects); with
+    ``shared`` one map serves them all, as in TinyBERT's code.
+    """
+
+    def __init__(self, d_student: int, d_teacher: int, indices: list[int], shared: bool):
         super().__init__()
         self.shared = shared
-        n = 1 if shared else n_layers + 1
-        self.maps = nn.ModuleList(nn.Linear(d_student, d_teacher) for _ in range(n))
+        keys = ["shared"] if shared else [str(i) for i in indices]
+        self.maps = nn.ModuleDict({k: nn.Linear(d_student, d_teacher) for k in keys})
 
     def forward(self, x: Tensor, index: int) -> Tensor:
-        return self.maps[0 if self.shared else index](x)
+        return self.maps["shared" if self.shared else str(index)](x)
 
 
 class Distiller(nn.Module):
@@ -127,15 +132,14 @@ class Distiller(nn.Module):
                 "give the student as many heads as the teacher (student.num_attention_heads), "
                 "or set the attention weight of this scheme to 0"
             )
-        needs_proj = "embedding" in self.terms or "hidden" in self.terms
+        indices = ([0] if "embedding" in self.terms else []) + (
+            list(range(1, s_cfg.num_hidden_layers + 1)) if "hidden" in self.terms else []
+        )
         self.projections = (
             Projections(
-                s_cfg.hidden_size,
-                t_cfg.hidden_size,
-                s_cfg.num_hidden_layers,
-                shared=scheme.projection == "shared",
+                s_cfg.hidden_size, t_cfg.hidden_size, indices, shared=scheme.projection == "shared"
             )
-            if needs_proj
+            if indices
             else None
         )
 

@@ -34,6 +34,7 @@ class Base(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["bf16", "fp32"] = "bf16"
     threads: NonNegInt = 0
+    nproc: PositiveInt = 1
 
 
 class Paths(Strict):
@@ -121,6 +122,7 @@ class Student(Strict):
 
 class Train(Strict):
     batch_size: PositiveInt = 16
+    micro_batch_size: PositiveInt | None = None
     epochs: PositiveFloat = 1.0
     max_steps: PositiveInt | None = None
     lr: PositiveFloat = 5e-4

@@ -8,6 +8,7 @@ RNG state is checkpointed, so a resumed run replays exactly what an uninterrupte
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -15,10 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from datasets import Dataset
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from kd import checkpoint
+from kd.dist import SINGLE, Dist
+from kd.dist import mean as dist_mean
 from kd.distill import Distiller
 from kd.gradnorm import grad_norms, layer_groups
 from kd.masking import mask_tokens
@@ -41,6 +45,27 @@ def steps_per_epoch(n_blocks: int, batch_size: int) -> int:
 
 def total_steps(cfg: Train, n_blocks: int) -> int:
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(n_blocks, cfg.batch_size)))
+
+
+def split_batch(batch_size: int, world: int, micro_batch_size: int | None) -> tuple[int, int, int]:
+    """(rows per rank, rows per micro-batch, micro-batches per step) for a global batch.
+
+    The global batch is a param; the world size is not, so the same params give the same
+    optimisation on 1 process or 8, with gradient accumulation making up the difference.
+    """
+    if batch_size % world:
+        raise SystemExit(
+            f"train.batch_size={batch_size} cannot be split evenly over {world} processes: "
+            "make it a multiple of the process count"
+        )
+    share = batch_size // world
+    micro = micro_batch_size or share
+    if share % micro:
+        raise SystemExit(
+            f"each of the {world} processes gets {share} rows per step, which "
+            f"train.micro_batch_size={micro} does not divide: pick a divisor of {share}"
+        )
+    return share, micro, share // micro
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -119,6 +144,7 @@ def train(
     ckpt_dir,
     fingerprint: str,
     resume: dict | None = None,
+    dist: Dist = SINGLE,
 ) -> Result:
     n_steps = total_steps(cfg, len(ds))
     distiller.to(device).train()
@@ -142,6 +168,8 @@ def train(
         print(f"resuming from step {start} of {n_steps}")
 
     def save_checkpoint(step: int) -> None:
+        if not dist.main:
+            return
         checkpoint.save(
             ckpt_dir,
             {
@@ -161,29 +189,50 @@ def train(
         )
 
     params = [p for g in groups.values() for p in g]
-    bar = tqdm(total=n_steps, initial=start, desc="distil", unit="step", mininterval=5)
+    share, micro, accum = split_batch(cfg.batch_size, dist.world, cfg.micro_batch_size)
+    model = distiller
+    if dist.active:
+        # Unused parameters exist only when a scheme skips the head (no logit term).
+        model = DistributedDataParallel(
+            distiller, find_unused_parameters="logit" not in distiller.terms
+        )
+    bar = tqdm(total=n_steps, initial=start, desc="distil", unit="step", mininterval=5,
+               disable=not dist.main)
     step = start
     try:
         while step < n_steps:
             t0 = time.perf_counter()
             gen = step_generator(seed, step)
             idx = batch_indices(len(ds), cfg.batch_size, seed, step)
-            batch = make_batch(ds, idx, masking, gen)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast(device, precision):
-                terms = distiller(batch, teacher)
-            loss = distiller.total(terms)
-            values = {f"loss/{k}": v.item() for k, v in terms.items()}
-            values["loss/total"] = loss.item()
-            if not math.isfinite(values["loss/total"]):
+            # The whole global batch is built (and masked) on every rank, then sliced: a row's
+            # masks never depend on how many processes share the batch.
+            full = make_batch(ds, idx, masking, gen)
+            opt.zero_grad(set_to_none=True)
+            acc: dict[str, torch.Tensor] = {}
+            for m in range(accum):
+                lo = dist.rank * share + m * micro
+                mb = {k: v[lo : lo + micro].to(device, non_blocking=True) for k, v in full.items()}
+                last = m == accum - 1
+                # Gradients are all-reduced once per step, on the last micro-batch.
+                sync = model.no_sync() if dist.active and not last else contextlib.nullcontext()
+                with sync:
+                    with autocast(device, precision):
+                        terms = model(mb, teacher)
+                    loss = distiller.total(terms)
+                    (loss / accum).backward()
+                for k, v in {**terms, "total": loss}.items():
+                    acc[k] = acc.get(k, 0.0) + v.detach() / accum
+            # One host sync for all terms.
+            keys = list(acc)
+            vals = torch.stack([acc[k].float() for k in keys]).tolist()
+            values = dist_mean({f"loss/{k}": v for k, v in zip(keys, vals, strict=True)}, dist, device)
+            if not all(math.isfinite(v) for v in values.values()):
                 bad = [k for k, v in values.items() if not math.isfinite(v)]
                 raise NonFiniteLoss(
                     f"the loss became non-finite at step {step} (terms: {', '.join(bad)}); the "
                     "weights were not updated and the last checkpoint is kept. Lower train.lr, "
                     "raise train.warmup_steps, or try base.precision: fp32"
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             norms = {f"grad_norm/{k}": v for k, v in grad_norms(groups).items()}
             clipped = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             norms["grad_norm/clipped"] = min(float(clipped), cfg.max_grad_norm)
@@ -191,7 +240,7 @@ def train(
             sched.step()
             step += 1
             elapsed += time.perf_counter() - t0
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(full["attention_mask"].sum())
             for k, v in {**values, **norms}.items():
                 sums[k] = sums.get(k, 0.0) + v
             if step % cfg.log_every == 0 or step == n_steps:

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from kd import checkpoint, student, tokens, tracking
+from kd import dist as kdist
 from kd.distill import Distiller
 from kd.io import atomic_dir, atomic_file, read_json, write_json
 from kd.params import load_params
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--arm {arm!r} is not in loss.arms {p.loss.arms}")
     scheme = p.loss.schemes[arm]
     device, _ = setup(p.base)
+    dist, device = kdist.init(device)
 
     ds = tokens.load(p.paths.tokens)["train"]
     tok = AutoTokenizer.from_pretrained(p.paths.teacher)
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         arm=arm,
         tags={"kd.scheme_terms": ",".join(scheme.active_terms), "kd.student_init_sha256": init_hash},
         run_id=resume.get("mlflow_run_id") if resume else None,
+        enabled=dist.main,  # rank 0 alone logs and writes
     ) as run:
         result = train(
             distiller,
@@ -74,7 +77,11 @@ def main(argv: list[str] | None = None) -> None:
             ckpt_dir=ckpt_dir,
             fingerprint=fingerprint,
             resume=resume,
+            dist=dist,
         )
+        if not dist.main:
+            kdist.shutdown(dist)
+            return
         summary = {**result.summary, "layer_map": distiller.layer_map}
         with atomic_dir(p.paths.students / arm) as tmp:
             distiller.student.save_pretrained(tmp)
@@ -98,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         run.log_metrics({k: v for k, v in result.summary.items() if isinstance(v, float | int)})
         run.log_artifact(p.paths.plots / f"train_{arm}.csv")
     checkpoint.remove(ckpt_dir)
+    kdist.shutdown(dist)
     print(
         f"{arm}: {summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
         f"final loss {summary['final/loss/total']:.4f}"

@@ -1,0 +1,66 @@
+"""Process-group setup for ``torchrun``: one code path for 1 process or many.
+
+Under torchrun (WORLD_SIZE > 1) every rank joins a process group: gloo on CPU, NCCL on GPU, each
+rank on its own GPU. Rank 0 alone talks to MLflow and writes outputs; the others compute.
+Without torchrun this is a single process of world size 1 and nothing here costs anything.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+SINGLE = Dist()  # one process, no process group
+
+
+def init(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun describes (if any); returns it and this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return SINGLE, device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local), device
+
+
+def mean(values: dict[str, float], dist: Dist, device: torch.device) -> dict[str, float]:
+    """The mean of each value over ranks (for logging: every rank logs what rank 0 logs)."""
+    if not dist.active:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    tdist.all_reduce(t)
+    return dict(zip(keys, (t / dist.world).tolist(), strict=True))
+
+
+def barrier(dist: Dist) -> None:
+    if dist.active:
+        tdist.barrier()
+
+
+def shutdown(dist: Dist) -> None:
+    if dist.active and tdist.is_initialized():
+        tdist.destroy_process_group()

@@ -1,0 +1,65 @@
+"""A tiny distillation run, launched by tests/test_distributed.py on 1 or 2 processes.
+
+    python tests/ddp_worker.py OUT [micro_batch_size]
+    torchrun --standalone --nproc-per-node=2 tests/ddp_worker.py OUT
+
+Rank 0 writes OUT/result.pt (final weights and logged rows) and logs one MLflow run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForMaskedLM
+
+from kd import dist as kdist
+from kd import tracking
+from kd.distill import Distiller
+from kd.params import Scheme, Train
+from kd.tokens import pack
+from kd.train import Masking, train
+
+VOCAB = 60
+
+
+def tiny(hidden: int, layers: int, seed: int) -> BertForMaskedLM:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=2, intermediate_size=2 * hidden,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForMaskedLM(cfg)
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    micro = int(sys.argv[2]) if len(sys.argv) > 2 else None
+    torch.set_num_threads(1)
+    dist, device = kdist.init(torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(5, VOCAB, (20,), generator=g).tolist() for _ in range(40)]
+    cols = pack(docs, 16, cls_id=1, sep_id=2, pad_id=0)
+    cols["mlm_input_ids"] = cols["input_ids"]
+    cols["mlm_labels"] = cols["input_ids"]
+    ds = Dataset.from_dict({k: v.tolist() for k, v in cols.items()})
+    teacher = tiny(24, 3, seed=1)
+    # Every non-pad position scored: each micro-batch has the same number of positions, so the
+    # mean of per-rank means equals the full-batch mean and only float summation order differs.
+    scheme = Scheme(terms={"hidden": 1.0, "attention": 1.0, "logit": 1.0}, logit_positions="all")
+    d = Distiller(tiny(16, 2, seed=2), teacher, scheme)
+    cfg = Train(batch_size=8, micro_batch_size=micro, max_steps=4, log_every=1, warmup_steps=1,
+                lr=1e-3, checkpoint_every=100)
+    with tracking.start_run("train", arm="ddp-test", enabled=dist.main) as run:
+        result = train(d, teacher, ds, cfg, seed=0, precision="fp32", device=device,
+                       masking=Masking("dynamic", 3, VOCAB, 0.15), run=run,
+                       ckpt_dir=out / "ckpt", fingerprint="x", dist=dist)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": d.state_dict(), "rows": result.rows}, out / "result.pt")
+    kdist.shutdown(dist)
+
+
+if __name__ == "__main__":
+    main()
