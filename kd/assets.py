@@ -71,17 +71,18 @@ def rebuilt_tokenizer(source: str):
     teacher's tokenizer.json) keeps the dual-tokenization check meaningful: two independently
     constructed tokenizers must agree on every document.
     """
+    import tempfile
+
     from transformers import BertTokenizer
 
-    resolved = resolve_model(source)
     ref = load_tokenizer(source)
-    vocab = Path(resolved) / "vocab.txt"
-    if not vocab.exists():
-        # A hub name: the tokenizer files are in the local HF cache after load_tokenizer.
-        from huggingface_hub import hf_hub_download
-
-        vocab = Path(hf_hub_download(resolved, "vocab.txt"))
-    return BertTokenizer(str(vocab), do_lower_case=getattr(ref, "do_lower_case", True))
+    # Written from the loaded vocabulary: transformers 5 saves tokenizer.json, not vocab.txt,
+    # and a hub tokenizer may have no vocab.txt in the cache.
+    vocab = sorted(ref.get_vocab().items(), key=lambda kv: kv[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "vocab.txt"
+        path.write_text("".join(f"{token}\n" for token, _ in vocab), encoding="utf-8")
+        return BertTokenizer(str(path), do_lower_case=getattr(ref, "do_lower_case", True))
 
 
 def vocab_hash(tokenizer) -> str:

@@ -46,7 +46,7 @@ def tokenize_both(docs: list[Document], teacher_tok, student_tok, num_proc: int 
 
 def _mismatch_message(row, teacher_tok, student_tok) -> str:
     t, s = row["ids"], row["student_ids"]
-    pos = next((i for i, (a, b) in enumerate(zip(t, s)) if a != b), min(len(t), len(s)))
+    pos = next((i for i, (a, b) in enumerate(zip(t, s, strict=False)) if a != b), min(len(t), len(s)))
     tt = teacher_tok.convert_ids_to_tokens(t[pos]) if pos < len(t) else "<end>"
     st = student_tok.convert_ids_to_tokens(s[pos]) if pos < len(s) else "<end>"
     return (
@@ -81,7 +81,13 @@ def pack(ids: list[list[int]], max_len: int, cls_id: int, sep_id: int, pad_id: i
     attention = (np.arange(max_len)[None, :] < (lengths + 2)[:, None]).astype(np.int64)
     # Document separators inside a block are special too: never masked, never predicted.
     special = (np.isin(blocks, [cls_id, sep_id]) | (attention == 0)).astype(np.int64)
-    return {"input_ids": blocks, "attention_mask": attention, "special_tokens_mask": special}
+    # A last block holding only a separator ([CLS][SEP][SEP]) has nothing to learn from.
+    keep = (special == 0).any(axis=1)
+    return {
+        "input_ids": blocks[keep],
+        "attention_mask": attention[keep],
+        "special_tokens_mask": special[keep],
+    }
 
 
 def build_split(

@@ -105,11 +105,12 @@ class Run:
         self.run_id = run_id
         self._dead = run_id is None
 
-    def _call(self, what: str, fn, *args, **kwargs):
+    def _call(self, what: str, *args, **kwargs):
+        # Look the function up only when alive: a no-op Run has no mlflow module at all.
         if self._dead:
             return None
         try:
-            return fn(*args, **kwargs)
+            return getattr(self._mlflow, what)(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - any backend failure must not stop training
             self._dead = True
             print(
@@ -125,23 +126,27 @@ class Run:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        self._call("log_metrics", self._mlflow.log_metrics, clean, step=step)
+        self._call("log_metrics", clean, step=step)
 
     def log_params(self, params: Mapping[str, object]) -> None:
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
-        self._call("log_params", self._mlflow.log_params, flat)
+        self._call("log_params", flat)
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
-        self._call("set_tags", self._mlflow.set_tags, {k: str(v) for k, v in tags.items()})
+        self._call("set_tags", {k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self._call("log_artifact", self._mlflow.log_artifact, str(path), artifact_path)
+        self._call("log_artifact", str(path), artifact_path)
 
     def log_artifacts(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self._call("log_artifacts", self._mlflow.log_artifacts, str(path), artifact_path)
+        self._call("log_artifacts", str(path), artifact_path)
 
 
 def _open(stage: str, arm: str | None, tags: Mapping[str, object], run_id: str | None):
+    # MLflow's HTTP client retries for minutes by default; a stage should learn within seconds
+    # that the server is down and carry on without it. A user's own settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -206,4 +211,4 @@ def start_run(
         status = "FINISHED"
     finally:
         # KeyboardInterrupt included: the run is closed either way, marked by how it ended.
-        handle._call("end_run", mlflow.end_run, status=status)
+        handle._call("end_run", status=status)

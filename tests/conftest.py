@@ -1,0 +1,205 @@
+"""Shared fixtures: tiny, deterministic, offline inputs for every test.
+
+Nothing here touches the network or the repository's own outputs: MLflow goes to a per-test SQLite
+file, and the hub libraries are told they are offline before anything imports them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# `pytest` (not only `python -m pytest`) must find kd/ and stages/ without an install.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Set at import time too: huggingface_hub and datasets read these when they are first imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+from kd.corpus import Document  # noqa: E402
+
+_SUBJECTS = [
+    "The river",
+    "A small village",
+    "The old library",
+    "Our committee",
+    "The mountain railway",
+    "A young composer",
+    "The northern province",
+    "This museum",
+    "The football club",
+    "A chemist",
+]
+_VERBS = [
+    "was founded in",
+    "became famous for",
+    "is known for",
+    "was rebuilt after",
+    "depends on",
+    "celebrated",
+    "was described in",
+    "lies close to",
+    "grew rapidly during",
+    "opened with",
+]
+_OBJECTS = [
+    "the great flood of 1824",
+    "its unusual bridges",
+    "a collection of rare maps",
+    "the annual harvest festival",
+    "several symphonies",
+    "the coastal trade routes",
+    "a long winter",
+    "modern glass architecture",
+    "an international tournament",
+    "the discovery of a new element",
+    "the eastern valley",
+    "quiet summer evenings",
+]
+
+
+def make_docs(n: int = 30, seed: int = 0, prefix: str = "doc") -> list[Document]:
+    """``n`` distinct documents of 2-4 English sentences each, the same for the same seed."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        sentences = [
+            f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."
+            for _ in range(rng.randint(2, 4))
+        ]
+        # The number keeps every document distinct, so deduplication never shrinks the set.
+        docs.append(Document(id=f"{prefix}-{i:03d}", text=f"Entry {i}. " + " ".join(sentences)))
+    return docs
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch):
+    """Every test tracks into its own database and stays offline."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # A test run from inside a DVC stage must not inherit the stage's experiment identity.
+    for var in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    from kd.assets import load_tokenizer
+
+    return load_tokenizer("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, default_tokenizer) -> Path:
+    """A tiny random BERT masked LM on the default vocabulary, saved like a real teacher."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from kd.assets import default_teacher_dir
+
+    path = tmp_path_factory.mktemp("tiny_teacher")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+    )
+    BertForMaskedLM(config).save_pretrained(path)
+    default_tokenizer.save_pretrained(path)
+    # transformers 5 saves only tokenizer.json; a student built from a config rebuilds its
+    # tokenizer from the teacher's vocab.txt (kd.assets.rebuilt_tokenizer), so ship it too.
+    shutil.copy(default_teacher_dir() / "vocab.txt", path / "vocab.txt")
+    return path
+
+
+@pytest.fixture
+def tiny_docs() -> list[Document]:
+    return make_docs(30)
+
+
+@pytest.fixture
+def tiny_text_corpus(tmp_path) -> Path:
+    """A folder with one .txt (blank-line separated), one .jsonl and one .parquet file.
+
+    Ten documents per file, all distinct: 30 usable documents in all.
+    """
+    import pandas as pd
+
+    folder = tmp_path / "text_corpus"
+    folder.mkdir()
+    docs = make_docs(30, seed=1)
+    (folder / "a.txt").write_text("\n\n".join(d.text for d in docs[:10]) + "\n", encoding="utf-8")
+    with (folder / "b.jsonl").open("w", encoding="utf-8") as f:
+        for d in docs[10:20]:
+            f.write(json.dumps({"text": d.text}) + "\n")
+    pd.DataFrame({"text": [d.text for d in docs[20:]]}).to_parquet(folder / "c.parquet")
+    return folder
+
+
+@dataclass
+class GitDvcRepo:
+    """A throwaway git + DVC repository, and how to run commands in it.
+
+    ``env`` has a git identity (``dvc exp run --queue`` needs one), no ``MLFLOW_TRACKING_URI``
+    (so stages track into ``<path>/mlflow.db`` as they would for a user) and this checkout on
+    ``PYTHONPATH`` after the repo itself.
+    """
+
+    path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def run(self, *cmd: str, timeout: float = 300, check: bool = True) -> str:
+        """Run ``cmd`` (``dvc ...`` goes through this interpreter); return stdout + stderr."""
+        if cmd[0] == "dvc":
+            cmd = (sys.executable, "-m", "dvc", *cmd[1:])
+        out = subprocess.run(
+            cmd, cwd=self.path, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        if check and out.returncode:
+            raise AssertionError(
+                f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}"
+            )
+        return out.stdout + out.stderr
+
+    def commit(self, message: str = "commit") -> str:
+        self.run("git", "add", "-A")
+        self.run("git", "commit", "-q", "-m", message)
+        return self.run("git", "rev-parse", "HEAD").strip()
+
+
+@pytest.fixture
+def git_dvc_repo(tmp_path) -> GitDvcRepo:
+    """An initialised, empty git + DVC repo (no commit yet) in ``tmp_path / 'repo'``."""
+    path = tmp_path / "repo"
+    path.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(
+        GIT_AUTHOR_NAME="kd tests",
+        GIT_AUTHOR_EMAIL="kd-tests@example.com",
+        GIT_COMMITTER_NAME="kd tests",
+        GIT_COMMITTER_EMAIL="kd-tests@example.com",
+        GIT_CONFIG_NOSYSTEM="1",
+        PYTHONPATH=os.pathsep.join(
+            p for p in (str(path), str(REPO), os.environ.get("PYTHONPATH")) if p
+        ),
+    )
+    repo = GitDvcRepo(path, env)
+    repo.run("git", "init", "-q")
+    repo.run("dvc", "init", "-q")
+    repo.run("dvc", "config", "core.analytics", "false")
+    with (path / ".gitignore").open("a") as f:
+        f.write("mlflow.db\nmlflow.db-*\n__pycache__/\n")
+    return repo

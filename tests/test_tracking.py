@@ -1,0 +1,258 @@
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kd import tracking
+
+
+def _client() -> MlflowClient:
+    return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+
+
+def _runs(client: MlflowClient):
+    exp = client.get_experiment_by_name(tracking.EXPERIMENT)
+    assert exp is not None
+    return client.search_runs([exp.experiment_id])
+
+
+# --- where runs go -------------------------------------------------------------------------------
+
+
+def test_tracking_uri_honours_env(monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    monkeypatch.setenv("DVC_ROOT", "/somewhere/else")
+    assert tracking.tracking_uri() == "http://tracking.example:5000"
+
+
+def test_tracking_uri_defaults_to_dvc_root(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize(
+    "inside", [".dvc/tmp/exps/tmpab12cd", ".dvc/tmp/exps/standalone/tmpxyz/sub"]
+)
+def test_tracking_uri_escapes_dvc_exec_dirs(monkeypatch, tmp_path, inside) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / inside))
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_tracking_uri_outside_dvc_and_git_is_cwd(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+# --- tags ----------------------------------------------------------------------------------------
+
+
+def test_start_run_tags_params_and_metrics(monkeypatch) -> None:
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-otter")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    with tracking.start_run(
+        "train", params={"train": {"lr": 0.1}}, arm="logit", tags={"extra": 3}
+    ) as run:
+        assert run.active
+        run.log_metrics({"loss": 1.5, "skipped": None}, step=2)
+        run.set_tags({"late": "yes"})
+    client = _client()
+    got = client.get_run(run.run_id)
+    tags = got.data.tags
+    assert tags["kd.stage"] == "train"
+    assert tags["kd.arm"] == "logit"
+    assert tags["kd.group"] == "brisk-otter"
+    assert tags["kd.dvc_exp"] == "brisk-otter"
+    assert tags["mlflow.source.git.commit"] == "a" * 40
+    assert tags["extra"] == "3" and tags["late"] == "yes"
+    assert got.info.run_name == "train@logit"
+    assert got.info.status == "FINISHED"
+    assert got.data.params == {"train.lr": "0.1"}
+    assert got.data.metrics == {"loss": 1.5}
+    [point] = client.get_metric_history(run.run_id, "loss")
+    assert point.step == 2
+    exp = client.get_experiment(got.info.experiment_id)
+    assert exp.name == tracking.EXPERIMENT
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_second_run_reuses_the_experiment() -> None:
+    with tracking.start_run("sample_corpus") as a:
+        pass
+    with tracking.start_run("tokenize") as b:
+        pass
+    runs = _runs(_client())
+    assert {r.info.run_id for r in runs} == {a.run_id, b.run_id}
+    assert all("kd.arm" not in r.data.tags for r in runs)
+    # No experiment name: the workspace's group key, the same for both stages.
+    assert len({r.data.tags["kd.group"] for r in runs}) == 1
+    assert runs[0].data.tags["kd.dvc_exp"] == "workspace"
+
+
+def test_failed_body_marks_the_run_failed() -> None:
+    with pytest.raises(RuntimeError), tracking.start_run("train", arm="multi") as run:
+        raise RuntimeError("boom")
+    assert _client().get_run(run.run_id).info.status == "FAILED"
+
+
+def test_group_key(monkeypatch, tmp_path) -> None:
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("x: 1\n")
+    b.write_text("x: 2\n")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123456789abcdef")
+    assert tracking.group_key(a) == tracking.group_key(a)
+    assert tracking.group_key(a) != tracking.group_key(b)
+    assert tracking.group_key(a).startswith("workspace-01234567-")
+    monkeypatch.setenv("DVC_EXP_NAME", "named")
+    assert tracking.group_key(a) == "named"
+
+
+def test_flatten() -> None:
+    assert tracking.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {
+        "a.b": 1,
+        "a.c.d": 2,
+        "e": 3,
+    }
+
+
+# --- degrading to a no-op ------------------------------------------------------------------------
+
+
+def test_unreachable_backend_warns_once_and_runs_on(monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    # MLflow's default retries with back-off take ~4 minutes to give up on a dead server.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    artifact = tmp_path / "a.txt"
+    artifact.write_text("x")
+    with tracking.start_run("train", params={"lr": 1}, arm="logit") as run:
+        assert not run.active
+        assert run.run_id is None
+        run.log_metrics({"loss": 1.0}, step=0)
+        run.log_params({"a": 1})
+        run.set_tags({"t": 1})
+        run.log_artifact(artifact)
+        run.log_artifacts(tmp_path)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert "cannot reach MLflow at http://127.0.0.1:9" in err
+    assert "DVC metrics and plots are still written" in err
+
+
+def test_disabled_run_is_a_no_op(capsys) -> None:
+    with tracking.start_run("train", enabled=False) as run:
+        assert not run.active
+        run.log_metrics({"loss": 1.0}, step=0)
+        run.log_params({"a": 1})
+    assert capsys.readouterr().err == ""
+
+
+class _FlakyMlflow:
+    """Stands in for the mlflow module: every call fails, and counts."""
+
+    calls = 0
+
+    def __getattr__(self, name):
+        def fail(*args, **kwargs):
+            type(self).calls += 1
+            raise ConnectionError(f"{name}: database is locked")
+
+        return fail
+
+
+def test_failure_mid_run_warns_once_then_no_ops(capsys) -> None:
+    run = tracking.Run(_FlakyMlflow(), "run-id")
+    assert run.active
+    run.log_metrics({"loss": 1.0}, step=0)
+    run.log_metrics({"loss": 2.0}, step=1)
+    run.set_tags({"a": 1})
+    assert not run.active
+    assert _FlakyMlflow.calls == 1
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert "log_metrics failed (ConnectionError" in err
+
+
+# --- inside real DVC experiments -----------------------------------------------------------------
+
+_STAGE_SCRIPT = """\
+import json
+
+import yaml
+
+from kd import tracking
+
+lr = yaml.safe_load(open("params.yaml"))["lr"]
+with tracking.start_run("track", params={"lr": lr}, arm="logit") as run:
+    run.log_metrics({"score": lr * 2}, step=0)
+assert run.active, "tracking failed"
+json.dump({"score": lr * 2}, open("metric.json", "w"))
+"""
+
+_DVC_YAML = """\
+stages:
+  track:
+    cmd: python track.py
+    deps:
+      - track.py
+    params:
+      - lr
+    metrics:
+      - metric.json:
+          cache: false
+"""
+
+
+def _wait_for_queue(repo, deadline_s: float = 240) -> str:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        status = repo.run("dvc", "queue", "status")
+        if not any(s in status for s in ("Queued", "Running")):
+            return status
+        time.sleep(2)
+    raise AssertionError(f"the DVC queue did not finish in {deadline_s}s:\n{status}")
+
+
+@pytest.mark.slow
+def test_dvc_experiments_track_into_the_parent_repo(git_dvc_repo) -> None:
+    repo = git_dvc_repo
+    (repo.path / "params.yaml").write_text("lr: 0.1\n")
+    (repo.path / "dvc.yaml").write_text(_DVC_YAML)
+    (repo.path / "track.py").write_text(_STAGE_SCRIPT)
+    head = repo.commit("init")
+
+    # --temp: runs in <repo>/.dvc/tmp/exps/standalone/tmp*, a copy deleted afterwards.
+    out = repo.run("dvc", "exp", "run", "--temp", "-S", "lr=0.5", "-n", "temp-exp")
+    assert "Ran experiment(s): temp-exp" in out
+
+    repo.run("dvc", "exp", "run", "--queue", "-S", "lr=0.7", "-n", "queued-exp")
+    try:
+        repo.run("dvc", "queue", "start")
+        status = _wait_for_queue(repo)
+    finally:
+        repo.run("dvc", "queue", "stop", timeout=60)
+    assert "Success" in status, status
+
+    db = repo.path / "mlflow.db"
+    assert db.exists()
+    assert not list((repo.path / ".dvc").rglob("mlflow.db"))  # nothing in the executors' copies
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = {r.data.tags["kd.dvc_exp"]: r for r in _runs(client)}
+    assert set(runs) == {"temp-exp", "queued-exp"}
+    for name, lr in (("temp-exp", 0.5), ("queued-exp", 0.7)):
+        run = runs[name]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["kd.group"] == name
+        assert run.data.tags["kd.stage"] == "track"
+        assert run.data.tags["mlflow.source.git.commit"] == head
+        assert run.data.params["lr"] == str(lr)
+        assert run.data.metrics["score"] == pytest.approx(2 * lr)
+    shown = repo.run("dvc", "exp", "show", "--csv")
+    assert "temp-exp" in shown and "queued-exp" in shown
