@@ -1,0 +1,155 @@
+"""report: headline keys, the seed comparison read off constructed numbers, figures and export."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+import yaml
+from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+
+from kd import report
+from kd.evaluate import summarize
+from kd.io import read_json, write_json
+from kd.params import Scheme
+
+LOGIT = Scheme(terms={"logit": 1.0})
+MULTI = Scheme(terms={"embedding": 1.0, "hidden": 1.0, "attention": 1.0, "logit": 1.0})
+N_LAYERS = 2
+
+
+def write_arm(metrics, plots, name: str, train_kl: float, test_kl: float, grad: float,
+              multi: bool) -> None:
+    """Outputs of train@name and evaluate@name with the given levels."""
+    rows = []
+    for split, kl, n in (("train", train_kl, 3), ("test", test_kl, 2)):
+        for b in range(n):
+            row = {"split": split, "batch": b, "n_positions": 10, "n_masked": 10, "n_tokens": 50,
+                   "logit_kl": kl * (1 + 0.01 * b), "logit_kl_t1": kl * (1 + 0.01 * b),
+                   "agreement": 0.5, "mlm_loss": 3.0, "top1": 0.3, "top5": 0.5,
+                   "teacher_mlm_loss": 2.0, "teacher_top1": 0.4, "teacher_top5": 0.6}
+            if split == "test":
+                row.update({"embedding_lstsq": 0.2, "hidden_lstsq/layer_1": 0.3,
+                            "hidden_lstsq/layer_2": 0.4, "hidden_lstsq": 0.7,
+                            "attention_probs": 0.01, "attention_scores": 1.0})
+                if multi:
+                    row.update({"embedding_learned": 0.25, "hidden_learned": 0.8})
+            rows.append(row)
+    pd.DataFrame(rows).to_csv(plots / f"eval_{name}.csv", index=False)
+    write_json(metrics / f"eval_{name}.json",
+               {**summarize(rows), "layer_map": [1, 2], "lstsq/fit_tokens": 150,
+                "temperature": 1.0, "logit_positions": "masked"})
+    terms = ["embedding", "hidden", "attention", "logit"] if multi else ["logit"]
+    steps = pd.DataFrame(
+        {"step": [5, 10], **{f"loss/{t}": [1.0, 0.5] for t in terms}, "loss/total": [2.0, 1.0],
+         **{f"grad_norm/layer_{i}": [grad, grad] for i in range(N_LAYERS)},
+         "grad_norm/global": [2 * grad, 2 * grad]}
+    )
+    steps.to_csv(plots / f"train_{name}.csv", index=False)
+    write_json(metrics / f"train_{name}.json",
+               {"steps": 10, "tokens_per_s": 100.0, "final/loss/total": 1.0,
+                "mean/grad_norm/embeddings": grad, "mean/grad_norm/head": grad / 2,
+                "mean/grad_norm/global": 2 * grad,
+                **{f"mean/grad_norm/layer_{i}": grad * (1 + i) for i in range(N_LAYERS)}})
+
+
+def arms(tmp_path, logit: tuple, multi: tuple) -> list[report.Arm]:
+    metrics, plots = tmp_path / "metrics", tmp_path / "plots"
+    metrics.mkdir(exist_ok=True)
+    plots.mkdir(exist_ok=True)
+    write_arm(metrics, plots, "logit", *logit, multi=False)
+    write_arm(metrics, plots, "multi", *multi, multi=True)
+    return [report.load_arm("logit", LOGIT, metrics, plots),
+            report.load_arm("multi", MULTI, metrics, plots)]
+
+
+def test_scheme_neutral_keys_for_any_headline(tmp_path) -> None:
+    loaded = arms(tmp_path, (0.5, 0.6, 1.0), (0.4, 0.5, 2.0))
+    by_headline = {h: report.eval_metrics(loaded, h) for h in ("logit", "multi")}
+    for headline, m in by_headline.items():
+        assert m["scheme"] == headline
+        for key in report.CORE_KEYS:
+            assert m[key] is not None, (headline, key)
+            assert f"arms/logit/{key}" in m and f"arms/multi/{key}" in m
+    # The same columns whichever arm is the headline; only the values move.
+    assert set(by_headline["logit"]) == set(by_headline["multi"])
+    assert by_headline["logit"]["test/logit_kl"] == pytest.approx(0.6 * 1.005)
+    assert by_headline["multi"]["test/logit_kl"] == pytest.approx(0.5 * 1.005)
+    assert by_headline["logit"]["test/hidden_learned"] is None  # no learned projections
+    assert by_headline["multi"]["mean_grad_norm"] == pytest.approx(2.0 * 1.5)
+
+
+@pytest.mark.parametrize(
+    "logit, multi, winners, verdict",
+    [
+        # logit wins everything: the seed's finding is reversed.
+        ((0.3, 0.4, 2.0), (0.5, 0.6, 1.0), ("logit", "logit", "logit"),
+         "does not hold: every claim is reversed or tied"),
+        # multi wins everything, as in the seed report.
+        ((0.5, 0.6, 1.0), (0.3, 0.4, 2.0), ("multi", "multi", "multi"), "holds"),
+        # mixed: multi lower on train only.
+        ((0.5, 0.3, 2.0), (0.3, 0.4, 1.0), ("multi", "logit", "logit"),
+         "does not hold in full (1 of 3 claims hold)"),
+    ],
+)
+def test_report_reads_the_winner_off_the_numbers(tmp_path, logit, multi, winners,
+                                                 verdict) -> None:
+    loaded = arms(tmp_path, logit, multi)
+    md = report.markdown(loaded, "multi", [], None)
+    lines = {
+        "lower train logit loss": winners[0],
+        "lower test logit loss": winners[1],
+        "higher average gradient norm": winners[2],
+    }
+    for what, arm in lines.items():
+        assert re.search(rf"\*\*{what.capitalize()}\*\*: \*\*{arm}\*\*", md), (what, md)
+    assert f"the seed's finding **{verdict}**" in md
+    f = report.findings(loaded)
+    assert f["findings/lower_train_logit_kl"] == winners[0]
+    assert f["findings/lower_test_logit_kl"] == winners[1]
+    assert f["findings/higher_mean_grad_norm"] == winners[2]
+    assert f["findings/seed_holds/multi_vs_logit"] == (verdict == "holds")
+
+
+def test_tie_names_no_winner(tmp_path) -> None:
+    loaded = arms(tmp_path, (0.5, 0.6, 1.0), (0.5, 0.6, 1.0))
+    assert report.best(loaded, "test/logit_kl_t1", lower=True)[0] is None
+    assert "no single arm" in report.markdown(loaded, "logit", [], None)
+
+
+def test_stage_writes_figures_report_metrics_and_distilled_model(
+    tmp_path, monkeypatch, default_tokenizer
+) -> None:
+    from stages import report as stage
+
+    arms(tmp_path, (0.5, 0.6, 1.0), (0.3, 0.4, 2.0))
+    student = tmp_path / "students" / "multi"
+    BertForMaskedLM(BertConfig(vocab_size=len(default_tokenizer), hidden_size=16,
+                               num_hidden_layers=N_LAYERS, num_attention_heads=2,
+                               intermediate_size=37)).save_pretrained(student)
+    default_tokenizer.save_pretrained(student)
+    (student / "kd_config.json").write_text('{"arm": "multi"}')
+    paths = {k: str(tmp_path / k) for k in ("metrics", "plots", "students", "report",
+                                             "distilled")}
+    schemes = {"logit": LOGIT.model_dump(), "multi": MULTI.model_dump()}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {"paths": paths, "loss": {"scheme": "multi", "arms": ["logit", "multi"],
+                                  "schemes": schemes}}))
+    monkeypatch.chdir(tmp_path)
+    stage.main()
+
+    out = tmp_path / "report"
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["fig2_loss_components.png", "fig3_train_logit_loss.png",
+                    "fig4_test_logit_loss.png", "fig5_grad_norm.png",
+                    "fig6_grad_norm_per_layer.png"]
+    assert all((out / p).stat().st_size > 1000 for p in pngs)
+    md = (out / "report.md").read_text()
+    assert "the seed's finding **holds**" in md and "(fig3_train_logit_loss.png)" in md
+    m = read_json(tmp_path / "metrics" / "eval.json")
+    assert m["scheme"] == "multi" and m["findings/lower_test_logit_kl"] == "multi"
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "distilled")
+    assert model.config.hidden_size == 16
+    assert (tmp_path / "distilled" / "tokenizer.json").exists()
+    assert (tmp_path / "distilled" / "kd_config.json").exists()
