@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -130,6 +131,94 @@ class Result:
     summary: dict[str, float] = field(default_factory=dict)
 
 
+class Stepper:
+    """One optimisation step of an arm: forward, backward, gradient norms, clip, AdamW, schedule.
+
+    The training loop and the benchmark (kd/bench.py) both drive this, so what is timed is what
+    trains. ``step`` takes the *global* batch; under DDP each rank slices its share and
+    accumulates micro-batches, so the optimisation does not depend on the process count.
+    """
+
+    def __init__(self, distiller: Distiller, teacher: nn.Module, cfg: Train, n_steps: int,
+                 precision: str, device: torch.device, dist: Dist = SINGLE,
+                 forward: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
+        # ``forward`` replaces the distiller's own forward (the benchmark's naive row uses it).
+        self.distiller, self.teacher, self.cfg = distiller, teacher, cfg
+        self.precision, self.device, self.dist = precision, device, dist
+        distiller.to(device).train()
+        teacher.to(device).eval()
+        self.opt = torch.optim.AdamW(param_groups(distiller, cfg.weight_decay), lr=cfg.lr)
+        self.sched = get_linear_schedule_with_warmup(
+            self.opt, min(cfg.warmup_steps, n_steps), n_steps
+        )
+        extra = {"projections": distiller.projections} if distiller.projections is not None else {}
+        self.groups = layer_groups(distiller.student, extra)
+        self.params = [p for g in self.groups.values() for p in g]
+        self.share, self.micro, self.accum = split_batch(cfg.batch_size, dist.world,
+                                                         cfg.micro_batch_size)
+        self.model = distiller
+        if dist.active:
+            # Unused parameters exist only when a scheme skips the head (no logit term).
+            self.model = DistributedDataParallel(
+                distiller, find_unused_parameters="logit" not in distiller.terms
+            )
+        self.forward = forward or (lambda mb: self.model(mb, self.teacher))
+
+    def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The unweighted terms at the current weights, dropout off, no update."""
+        self.distiller.eval()
+        try:
+            with torch.no_grad(), autocast(self.device, self.precision):
+                return {k: float(v) for k, v in self.forward(batch).items()}
+        finally:
+            self.distiller.train()
+
+    def step(self, full: dict[str, torch.Tensor], step: int = 0) -> tuple[dict, dict]:
+        """Train on one global batch; returns (loss values, gradient norms), rank-averaged."""
+        dist, distiller = self.dist, self.distiller
+        self.opt.zero_grad(set_to_none=True)
+        acc: dict[str, torch.Tensor] = {}
+        for m in range(self.accum):
+            lo = dist.rank * self.share + m * self.micro
+            mb = {k: v[lo : lo + self.micro].to(self.device, non_blocking=True)
+                  for k, v in full.items()}
+            last = m == self.accum - 1
+            # Gradients are all-reduced once per step, on the last micro-batch.
+            sync = self.model.no_sync() if dist.active and not last else contextlib.nullcontext()
+            with sync:
+                with autocast(self.device, self.precision):
+                    terms = self.forward(mb)
+                loss = distiller.total(terms)
+                (loss / self.accum).backward()
+            for k, v in {**terms, "total": loss}.items():
+                acc[k] = acc.get(k, 0.0) + v.detach() / self.accum
+        # One host sync for all terms.
+        keys = list(acc)
+        vals = torch.stack([acc[k].float() for k in keys]).tolist()
+        values = dist_mean({f"loss/{k}": v for k, v in zip(keys, vals, strict=True)}, dist,
+                           self.device)
+        if not all(math.isfinite(v) for v in values.values()):
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            raise NonFiniteLoss(
+                f"the loss became non-finite at step {step} (terms: {', '.join(bad)}); the "
+                "weights were not updated and the last checkpoint is kept. Lower train.lr, "
+                "raise train.warmup_steps, or try base.precision: fp32"
+            )
+        norms = {f"grad_norm/{k}": v for k, v in grad_norms(self.groups).items()}
+        clipped = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        norms["grad_norm/clipped"] = min(float(clipped), self.cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        return values, norms
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+
 def train(
     distiller: Distiller,
     teacher: nn.Module,
@@ -147,19 +236,13 @@ def train(
     dist: Dist = SINGLE,
 ) -> Result:
     n_steps = total_steps(cfg, len(ds))
-    distiller.to(device).train()
-    teacher.to(device).eval()
-    opt = torch.optim.AdamW(param_groups(distiller, cfg.weight_decay), lr=cfg.lr)
-    sched = get_linear_schedule_with_warmup(opt, min(cfg.warmup_steps, n_steps), n_steps)
-    extra = {"projections": distiller.projections} if distiller.projections is not None else {}
-    groups = layer_groups(distiller.student, extra)
+    stepper = Stepper(distiller, teacher, cfg, n_steps, precision, device, dist)
     result = Result()
     sums: dict[str, float] = {}
     start, elapsed, tokens = 0, 0.0, 0
     if resume is not None:
         distiller.load_state_dict(resume["distiller"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
+        stepper.load_state_dict(resume)
         torch.set_rng_state(resume["rng_cpu"])
         if device.type == "cuda" and resume.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(resume["rng_cuda"])
@@ -180,22 +263,13 @@ def train(
                 "rows": result.rows,
                 "sums": sums,
                 "distiller": distiller.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
+                **stepper.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
                 "mlflow_run_id": run.run_id,
             },
         )
 
-    params = [p for g in groups.values() for p in g]
-    share, micro, accum = split_batch(cfg.batch_size, dist.world, cfg.micro_batch_size)
-    model = distiller
-    if dist.active:
-        # Unused parameters exist only when a scheme skips the head (no logit term).
-        model = DistributedDataParallel(
-            distiller, find_unused_parameters="logit" not in distiller.terms
-        )
     bar = tqdm(total=n_steps, initial=start, desc="distil", unit="step", mininterval=5,
                disable=not dist.main)
     step = start
@@ -207,37 +281,7 @@ def train(
             # The whole global batch is built (and masked) on every rank, then sliced: a row's
             # masks never depend on how many processes share the batch.
             full = make_batch(ds, idx, masking, gen)
-            opt.zero_grad(set_to_none=True)
-            acc: dict[str, torch.Tensor] = {}
-            for m in range(accum):
-                lo = dist.rank * share + m * micro
-                mb = {k: v[lo : lo + micro].to(device, non_blocking=True) for k, v in full.items()}
-                last = m == accum - 1
-                # Gradients are all-reduced once per step, on the last micro-batch.
-                sync = model.no_sync() if dist.active and not last else contextlib.nullcontext()
-                with sync:
-                    with autocast(device, precision):
-                        terms = model(mb, teacher)
-                    loss = distiller.total(terms)
-                    (loss / accum).backward()
-                for k, v in {**terms, "total": loss}.items():
-                    acc[k] = acc.get(k, 0.0) + v.detach() / accum
-            # One host sync for all terms.
-            keys = list(acc)
-            vals = torch.stack([acc[k].float() for k in keys]).tolist()
-            values = dist_mean({f"loss/{k}": v for k, v in zip(keys, vals, strict=True)}, dist, device)
-            if not all(math.isfinite(v) for v in values.values()):
-                bad = [k for k, v in values.items() if not math.isfinite(v)]
-                raise NonFiniteLoss(
-                    f"the loss became non-finite at step {step} (terms: {', '.join(bad)}); the "
-                    "weights were not updated and the last checkpoint is kept. Lower train.lr, "
-                    "raise train.warmup_steps, or try base.precision: fp32"
-                )
-            norms = {f"grad_norm/{k}": v for k, v in grad_norms(groups).items()}
-            clipped = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            norms["grad_norm/clipped"] = min(float(clipped), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
+            values, norms = stepper.step(full, step)
             step += 1
             elapsed += time.perf_counter() - t0
             tokens += int(full["attention_mask"].sum())
@@ -248,7 +292,7 @@ def train(
                     "step": step,
                     "tokens": tokens,
                     "seconds": round(elapsed, 3),
-                    "lr": sched.get_last_lr()[0],
+                    "lr": stepper.sched.get_last_lr()[0],
                     **values,
                     **norms,
                 }
