@@ -21,8 +21,20 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 
 # The loss terms a scheme may weight, and the arguments each uses. kd/losses.py implements them.
-LOSS_TERMS = ("embedding", "hidden", "attention", "logit")
-INTERMEDIATE_TERMS = ("embedding", "hidden", "attention")
+LOSS_TERMS = (
+    "embedding",
+    "hidden",
+    "attention",
+    "logit",
+    "hidden_cosine",
+    "minilm_attention",
+    "minilm_value",
+    "rkd_distance",
+    "rkd_angle",
+    "activation_boundary",
+)
+# Every term but the logit term reads intermediate representations (a "multi-loss" arm).
+INTERMEDIATE_TERMS = tuple(t for t in LOSS_TERMS if t != "logit")
 
 
 class Strict(BaseModel):
@@ -48,6 +60,7 @@ class Paths(Strict):
     plots: Path = Path("data/plots")
     report: Path = Path("data/report")
     distilled: Path = Path("data/distilled")
+    quantize: Path = Path("data/quantize")
 
 
 class Corpus(Strict):
@@ -134,6 +147,24 @@ class Train(Strict):
     checkpoint_every: PositiveInt = 100
 
 
+class Schedule(Strict):
+    """A value over training (kd/schedules.py): ``constant`` keeps ``start``; ``linear`` goes
+    from ``start`` at the first step to ``end`` at the last. ``start`` defaults to the value the
+    scheme already gives (its ``temperature``, or the term's weight in ``terms``)."""
+
+    kind: Literal["constant", "linear"] = "constant"
+    start: Annotated[float, Field(ge=0)] | None = None
+    end: Annotated[float, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Schedule:
+        if self.kind == "linear" and self.end is None:
+            raise ValueError("a linear schedule needs `end` (the value at the last step)")
+        if self.kind == "constant" and self.end is not None:
+            raise ValueError("a constant schedule has no `end`: remove it, or set kind: linear")
+        return self
+
+
 class Scheme(Strict):
     """A named, weighted set of loss terms and the options those terms take."""
 
@@ -143,6 +174,9 @@ class Scheme(Strict):
     attention_target: Literal["probs", "scores"] = "probs"
     projection: Literal["per_layer", "shared"] = "per_layer"
     layer_map: Literal["uniform"] | list[PositiveInt] = "uniform"
+    ab_margin: PositiveFloat = 1.0  # μ of the activation_boundary term (Heo et al. 2019)
+    temperature_schedule: Schedule | None = None  # null = constant `temperature`
+    weight_schedules: dict[str, Schedule] = Field(default_factory=dict)  # term -> schedule
 
     @field_validator("terms")
     @classmethod
@@ -156,9 +190,31 @@ class Scheme(Strict):
             raise ValueError("every term weight is 0: give at least one term a positive weight")
         return terms
 
+    @model_validator(mode="after")
+    def _check_schedules(self) -> Scheme:
+        loose = sorted(set(self.weight_schedules) - set(self.terms))
+        if loose:
+            raise ValueError(
+                f"weight_schedules names {loose}, which this scheme's `terms` does not list: "
+                f"add them to `terms` (their weight there is the schedule's default start) or "
+                f"drop their schedules"
+            )
+        t = self.temperature_schedule
+        if t is not None and (t.start == 0 or t.end == 0):
+            raise ValueError("temperature_schedule: a temperature must stay > 0")
+        return self
+
     @property
     def active_terms(self) -> dict[str, float]:
-        return {k: v for k, v in self.terms.items() if v > 0}
+        """The computed terms with their starting weights: a positive weight in ``terms``, or a
+        weight schedule that is positive somewhere."""
+        out = {}
+        for k, v in self.terms.items():
+            sched = self.weight_schedules.get(k)
+            start = v if sched is None or sched.start is None else sched.start
+            if start > 0 or (sched is not None and (sched.end or 0) > 0):
+                out[k] = start
+        return out
 
     @property
     def uses_intermediate(self) -> bool:
@@ -196,6 +252,16 @@ class Evaluate(Strict):
     lstsq_batches: PositiveInt = 8
 
 
+class Quantize(Strict):
+    dtype: Literal["qint8"] = "qint8"
+    batch_size: PositiveInt = 16
+    test_batches: PositiveInt = 8
+    latency_batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 16], min_length=1)
+    latency_seq_length: PositiveInt = 128
+    warmup_batches: NonNegInt = 3
+    latency_batches: PositiveInt = 20
+
+
 class Params(Strict):
     base: Base = Base()
     paths: Paths = Paths()
@@ -206,6 +272,7 @@ class Params(Strict):
     train: Train = Train()
     loss: Loss
     evaluate: Evaluate = Evaluate()
+    quantize: Quantize = Quantize()
 
 
 class ParamsError(SystemExit):

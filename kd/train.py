@@ -151,8 +151,8 @@ class Stepper:
         self.sched = get_linear_schedule_with_warmup(
             self.opt, min(cfg.warmup_steps, n_steps), n_steps
         )
-        extra = {"projections": distiller.projections} if distiller.projections is not None else {}
-        self.groups = layer_groups(distiller.student, extra)
+        self.n_steps = n_steps
+        self.groups = layer_groups(distiller.student, distiller.extra_groups())
         self.params = [p for g in self.groups.values() for p in g]
         self.share, self.micro, self.accum = split_batch(cfg.batch_size, dist.world,
                                                          cfg.micro_batch_size)
@@ -176,6 +176,7 @@ class Stepper:
     def step(self, full: dict[str, torch.Tensor], step: int = 0) -> tuple[dict, dict]:
         """Train on one global batch; returns (loss values, gradient norms), rank-averaged."""
         dist, distiller = self.dist, self.distiller
+        distiller.set_progress(step, self.n_steps)  # scheduled temperature and weights
         self.opt.zero_grad(set_to_none=True)
         acc: dict[str, torch.Tensor] = {}
         for m in range(self.accum):

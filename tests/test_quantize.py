@@ -1,0 +1,176 @@
+"""Distil, then quantize: on tiny random BERTs, the int8 copy stays close, shrinks, and the stage
+writes what dvc.yaml declares."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset, DatasetDict
+from mlflow.tracking import MlflowClient
+from torch import nn
+from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+
+from kd import quantize
+from kd.io import read_json
+from kd.masking import IGNORE
+from kd.params import Quantize
+from kd.tracking import EXPERIMENT
+
+VOCAB, SEQ = 100, 16
+SMALL = dict(
+    batch_size=4,
+    test_batches=2,
+    latency_batch_sizes=[1, 3],
+    latency_seq_length=12,
+    warmup_batches=1,
+    latency_batches=2,
+)
+
+
+def tiny(hidden: int = 64, layers: int = 2, seed: int = 0) -> BertForMaskedLM:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=SEQ,
+    )
+    return BertForMaskedLM(cfg).eval()
+
+
+def toy_split(n: int = 10, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB, (n, SEQ), generator=g)
+    att = torch.ones_like(ids)
+    att[-1, 9:] = 0
+    ids[-1, 9:] = 0
+    chosen = (torch.rand(n, SEQ, generator=g) < 0.3) & att.bool()
+    chosen[:, 3] = True
+    labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE))
+    return Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": att.tolist(),
+            "special_tokens_mask": (1 - att).tolist(),
+            "mlm_input_ids": torch.where(chosen, torch.full_like(ids, 4), ids).tolist(),
+            "mlm_labels": labels.tolist(),
+        }
+    )
+
+
+def test_quantized_logits_stay_close_to_fp32() -> None:
+    model = tiny()
+    q = quantize.quantize_dynamic(model)
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    assert quantize.quantized_linears(q) == n_linear == 2 * 6 + 2
+    assert quantize.quantized_linears(model) == 0  # the fp32 student is left untouched
+    ids = torch.randint(5, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        f, z = model(ids).logits, q(ids).logits
+    assert not torch.equal(f, z)
+    assert (f - z).abs().max() < 0.05 * f.abs().max()
+    assert (f.argmax(-1) == z.argmax(-1)).float().mean() > 0.9
+
+
+def test_size_shrinks_and_the_state_dict_reloads(tmp_path) -> None:
+    model = tiny()
+    q = quantize.quantize_dynamic(model)
+    fp32, int8 = quantize.state_dict_bytes(model), quantize.save_state_dict(q, tmp_path / "q.pt")
+    # Linear weights dominate this model: int8 is about a quarter of their fp32 size.
+    assert int8 < 0.5 * fp32
+    assert (tmp_path / "q.pt").stat().st_size == int8
+    # The documented way back: quantize a fresh model of the same config, load the state.
+    again = quantize.quantize_dynamic(BertForMaskedLM(model.config))
+    again.load_state_dict(torch.load(tmp_path / "q.pt"))
+    ids = torch.randint(5, VOCAB, (2, SEQ))
+    with torch.inference_mode():
+        torch.testing.assert_close(again(ids).logits, q(ids).logits, rtol=0, atol=0)
+
+
+def test_latency_inputs_cut_and_cycle_real_blocks() -> None:
+    test = toy_split(3)
+    got = quantize.latency_inputs(test, 5, 12)
+    assert got["input_ids"].shape == got["attention_mask"].shape == (5, 12)
+    assert torch.equal(got["input_ids"][3], got["input_ids"][0])
+    with pytest.raises(SystemExit, match="latency_seq_length=32"):
+        quantize.latency_inputs(test, 1, 32)
+
+
+def test_run_scores_sizes_and_times_both_models(tmp_path) -> None:
+    cfg = Quantize(**SMALL)
+    result = quantize.run(tiny(32, seed=1), tiny(seed=2), toy_split(), cfg, tmp_path)
+    m = result.metrics
+    assert m["dtype"] == "qint8" and m["test_batches"] == 2 and m["positions"] > 0
+    for name in ("fp32", "int8"):
+        for key in (
+            "logit_kl_t1",
+            "agreement",
+            "mlm_loss",
+            "mlm_top1",
+            "mlm_top5",
+            "latency_ms/b1",
+            "latency_ms_per_seq/b3",
+        ):
+            assert math.isfinite(m[f"{name}/{key}"]), (name, key)
+        assert m[f"{name}/latency_ms/b3"] > 0
+    assert m["int8/size_bytes"] < m["fp32/size_bytes"] and 0 < m["size_ratio"] < 1
+    assert (tmp_path / "student_qint8.pt").stat().st_size == m["int8/size_bytes"]
+    assert m["int8/latency_ms_per_seq/b3"] == pytest.approx(m["int8/latency_ms/b3"] / 3)
+    assert 0 <= m["int8/kl_to_fp32"] < 0.01 and m["int8/agreement_with_fp32"] > 0.9
+    # The quantized student is judged against the teacher like the fp32 one.
+    assert m["int8/logit_kl_t1"] == pytest.approx(m["fp32/logit_kl_t1"], rel=0.1)
+    assert "| MLM top-1 |" in quantize.markdown(m, cfg, threads=1)
+
+
+def test_quantize_params_validate() -> None:
+    with pytest.raises(ValueError):
+        Quantize(dtype="float16")
+    with pytest.raises(ValueError):
+        Quantize(latency_batch_sizes=[])
+
+
+def test_stage_writes_metrics_report_and_model(tmp_path, monkeypatch) -> None:
+    from stages import quantize as stage
+
+    paths = {
+        k: str(tmp_path / k) for k in ("tokens", "teacher", "distilled", "metrics", "quantize")
+    }
+    raw = {
+        "base": {"device": "cpu", "threads": 1},
+        "paths": paths,
+        "loss": {
+            "scheme": "logit",
+            "arms": ["logit"],
+            "schemes": {"logit": {"terms": {"logit": 1.0}}},
+        },
+        "quantize": SMALL,
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    DatasetDict({"train": toy_split(4, seed=1), "test": toy_split()}).save_to_disk(paths["tokens"])
+    tiny(32, seed=1).save_pretrained(paths["teacher"])
+    student = tiny(seed=2)
+    student.save_pretrained(paths["distilled"])
+    monkeypatch.chdir(tmp_path)
+    stage.main()
+
+    m = read_json(tmp_path / "metrics" / "quantize.json")
+    assert all(v is not None for v in m.values())
+    assert m["int8/size_bytes"] < m["fp32/size_bytes"]
+    out = tmp_path / "quantize"
+    assert sorted(p.name for p in out.iterdir()) == ["quantize.md", "student_qint8.pt"]
+    assert "Distil, then quantize" in (out / "quantize.md").read_text()
+    # The saved int8 weights rebuild the model the stage measured.
+    q = quantize.quantize_dynamic(AutoModelForMaskedLM.from_pretrained(paths["distilled"]))
+    q.load_state_dict(torch.load(out / "student_qint8.pt"))
+    assert (out / "student_qint8.pt").stat().st_size == m["int8/size_bytes"]
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.tags["kd.stage"] == "quantize"
+    assert run.data.metrics["size_ratio"] == pytest.approx(m["size_ratio"])
