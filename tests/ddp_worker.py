@@ -27,9 +27,15 @@ VOCAB = 60
 
 def tiny(hidden: int, layers: int, seed: int) -> BertForMaskedLM:
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=2, intermediate_size=2 * hidden,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForMaskedLM(cfg)
 
 
@@ -49,12 +55,30 @@ def main() -> None:
     # mean of per-rank means equals the full-batch mean and only float summation order differs.
     scheme = Scheme(terms={"hidden": 1.0, "attention": 1.0, "logit": 1.0}, logit_positions="all")
     d = Distiller(tiny(16, 2, seed=2), teacher, scheme)
-    cfg = Train(batch_size=8, micro_batch_size=micro, max_steps=4, log_every=1, warmup_steps=1,
-                lr=1e-3, checkpoint_every=100)
+    cfg = Train(
+        batch_size=8,
+        micro_batch_size=micro,
+        max_steps=4,
+        log_every=1,
+        warmup_steps=1,
+        lr=1e-3,
+        checkpoint_every=100,
+    )
     with tracking.start_run("train", arm="ddp-test", enabled=dist.main) as run:
-        result = train(d, teacher, ds, cfg, seed=0, precision="fp32", device=device,
-                       masking=Masking("dynamic", 3, VOCAB, 0.15), run=run,
-                       ckpt_dir=out / "ckpt", fingerprint="x", dist=dist)
+        result = train(
+            d,
+            teacher,
+            ds,
+            cfg,
+            seed=0,
+            precision="fp32",
+            device=device,
+            masking=Masking("dynamic", 3, VOCAB, 0.15),
+            run=run,
+            ckpt_dir=out / "ckpt",
+            fingerprint="x",
+            dist=dist,
+        )
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"state": d.state_dict(), "rows": result.rows}, out / "result.pt")

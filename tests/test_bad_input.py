@@ -16,8 +16,13 @@ def test_missing_teacher_path_names_the_fix(tmp_path):
 
 
 def test_student_checkpoint_with_another_vocabulary_is_refused(tmp_path):
-    cfg = BertConfig(vocab_size=99, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32)
+    cfg = BertConfig(
+        vocab_size=99,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
     BertForMaskedLM(cfg).save_pretrained(tmp_path / "other-vocab")
     with pytest.raises(SystemExit, match="vocabulary of 99 word pieces but the teacher's has 120"):
         student.build(Student(checkpoint=str(tmp_path / "other-vocab")), 120, 128, seed=0)
@@ -33,8 +38,12 @@ def test_student_from_config_is_seeded_and_shaped():
 
 
 def test_saved_student_reloads_with_the_same_hash(tmp_path):
-    m = student.build(Student(hidden_size=24, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=48), 50, 128, seed=1)
+    m = student.build(
+        Student(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48),
+        50,
+        128,
+        seed=1,
+    )
     m.save_pretrained(tmp_path)
     again = BertForMaskedLM.from_pretrained(tmp_path)
     assert student.weights_hash(again) == student.weights_hash(m)

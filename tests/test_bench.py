@@ -16,17 +16,30 @@ SCHEMES = {
     "multi": Scheme(terms={"embedding": 1.0, "hidden": 1.0, "attention": 1.0, "logit": 1.0}),
 }
 TINY = bench.BenchConfig(
-    steps=1, warmup=1, n_batches=2, matmul_n=64, matmul_repeats=1,
-    sweep_seq=(8, 16), sweep_batch=(2,), sweep_steps=1, sweep_warmup=0,
+    steps=1,
+    warmup=1,
+    n_batches=2,
+    matmul_n=64,
+    matmul_repeats=1,
+    sweep_seq=(8, 16),
+    sweep_batch=(2,),
+    sweep_steps=1,
+    sweep_warmup=0,
 )
 
 
 def tiny(hidden: int, layers: int, seed: int) -> BertForMaskedLM:
     torch.manual_seed(seed)
-    return BertForMaskedLM(BertConfig(
-        vocab_size=60, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=32,
-    ))
+    return BertForMaskedLM(
+        BertConfig(
+            vocab_size=60,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def test_flops_of_a_hand_computed_toy_shape():
@@ -38,8 +51,16 @@ def test_flops_of_a_hand_computed_toy_shape():
     assert flops.head_forward(enc, 2) == 64 + 160
     assert flops.attention_scores(enc, 2, 3) == 2 * 2 * 3 * 3 * 4
     teacher = flops.Encoder(layers=2, hidden=6, heads=2, intermediate=12, vocab=10)
-    got = flops.step_flops(teacher, enc, 2, 3, head_positions=2, projections=3,
-                           teacher_score_layers=1, student_score_layers=1)
+    got = flops.step_flops(
+        teacher,
+        enc,
+        2,
+        3,
+        head_positions=2,
+        projections=3,
+        teacher_score_layers=1,
+        student_score_layers=1,
+    )
     t_fwd = 2 * (8 * 6 * 36 + 4 * 2 * 9 * 6 + 4 * 6 * 6 * 12)
     t_head = 2 * 2 * 6 * 6 + 2 * 2 * 6 * 10
     t_scores = 2 * 2 * 9 * 6
@@ -56,11 +77,21 @@ def test_quick_benchmark_end_to_end_writes_json_and_plot(tmp_path):
     teacher, student = tiny(24, 4, seed=1), tiny(16, 2, seed=2)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     out = tmp_path / "bench" / "bench.json"
-    res = bench.run_benchmark(teacher, student, bench.Shape(2, 16), SCHEMES, TINY, out=out,
-                              log=lambda s: None)
+    res = bench.run_benchmark(
+        teacher, student, bench.Shape(2, 16), SCHEMES, TINY, out=out, log=lambda s: None
+    )
     saved = json.loads(out.read_text())
-    assert set(saved) >= {"machine", "config", "models", "peak_gflops", "textbrewer", "arms",
-                          "agreement_ok", "scaling", "scaling_plot"}
+    assert set(saved) >= {
+        "machine",
+        "config",
+        "models",
+        "peak_gflops",
+        "textbrewer",
+        "arms",
+        "agreement_ok",
+        "scaling",
+        "scaling_plot",
+    }
     assert (out.parent / saved["scaling_plot"]).stat().st_size > 0
     assert saved["peak_gflops"]["fp32"] > 0
     for arm in SCHEMES:
@@ -69,8 +100,16 @@ def test_quick_benchmark_end_to_end_writes_json_and_plot(tmp_path):
         for name in ("naive", "project_fp32"):
             r = rows[name]
             assert r["status"] == "ok", r
-            for key in ("step_s", "sequences_per_s", "tokens_per_s", "peak_rss_mib",
-                        "flops_per_step", "achieved_gflops", "mfu", "terms"):
+            for key in (
+                "step_s",
+                "sequences_per_s",
+                "tokens_per_s",
+                "peak_rss_mib",
+                "flops_per_step",
+                "achieved_gflops",
+                "mfu",
+                "terms",
+            ):
                 assert key in r
             assert r["agreement"]["ok"], r["agreement"]
         # TextBrewer either ran and agreed, or recorded why it could not.
@@ -81,7 +120,8 @@ def test_quick_benchmark_end_to_end_writes_json_and_plot(tmp_path):
         assert rows["naive"]["flops_per_step"] > rows["project_fp32"]["flops_per_step"]
     assert set(saved["arms"]["multi"]["rows"]["naive"]["terms"]) == set(SCHEMES["multi"].terms)
     assert {(e["arm"], e["seq_len"]) for e in saved["scaling"]} == {
-        (a, s) for a in SCHEMES for s in (8, 16)}
+        (a, s) for a in SCHEMES for s in (8, 16)
+    }
     assert all(e["status"] == "ok" for e in saved["scaling"])
     assert res["agreement_ok"]
     # Every row trained its own copy: the caller's student is untouched.
@@ -101,8 +141,14 @@ def test_agreement_flags_a_broken_row_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "naive_terms", broken)
     cfg = bench.BenchConfig(**{**TINY.__dict__, "sweep": False, "textbrewer": False})
-    res = bench.run_benchmark(tiny(24, 4, 1), tiny(16, 2, 2), bench.Shape(2, 8),
-                              {"multi": SCHEMES["multi"]}, cfg, log=lambda s: None)
+    res = bench.run_benchmark(
+        tiny(24, 4, 1),
+        tiny(16, 2, 2),
+        bench.Shape(2, 8),
+        {"multi": SCHEMES["multi"]},
+        cfg,
+        log=lambda s: None,
+    )
     rows = res["arms"]["multi"]["rows"]
     # The naive row is the reference: the correct project row is the one that disagrees with it.
     assert rows["project_fp32"]["agreement"]["disagree"] == ["hidden"]
@@ -113,11 +159,13 @@ def test_agreement_flags_a_broken_row_end_to_end(tmp_path, monkeypatch):
 def test_agreement_tolerances_by_precision():
     ref = {"logit": 2.0, "hidden": 0.5}
     got = bench.agreement(
-        {"naive": ref,
-         "fp32": {"logit": 2.0 + 1e-5, "hidden": 0.5},
-         "bf16": {"logit": 2.02, "hidden": 0.505},
-         "bad": {"logit": 2.02, "hidden": float("nan")},
-         "short": {"logit": 2.0}},
+        {
+            "naive": ref,
+            "fp32": {"logit": 2.0 + 1e-5, "hidden": 0.5},
+            "bf16": {"logit": 2.02, "hidden": 0.505},
+            "bad": {"logit": 2.02, "hidden": float("nan")},
+            "short": {"logit": 2.0},
+        },
         {"naive": "fp32", "fp32": "fp32", "bf16": "bf16", "bad": "fp32", "short": "fp32"},
         bench.BenchConfig(),
     )

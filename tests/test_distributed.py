@@ -15,8 +15,7 @@ ROOT = WORKER.parent.parent
 
 
 def run(cmd: list[str], tmp_path: Path, db: str) -> None:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": db, "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": db, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -38,8 +37,19 @@ def test_two_processes_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run([sys.executable, str(WORKER), str(one)], tmp_path, f"sqlite:///{tmp_path}/one.db")
     db2 = f"sqlite:///{tmp_path}/two.db"
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(WORKER), str(two)], tmp_path, db2)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(WORKER),
+            str(two),
+        ],
+        tmp_path,
+        db2,
+    )
     compare(torch.load(one / "result.pt"), torch.load(two / "result.pt"))
     # Only rank 0 tracks: one run, with the full metric history.
     client = MlflowClient(tracking_uri=db2)

@@ -93,16 +93,23 @@ def test_identical_student_has_zero_kl_full_agreement_and_zero_distance(data) ->
             m.weight.copy_(torch.eye(32))
             m.bias.zero_()
     cfg = Evaluate(batch_size=4, train_batches=2, test_batches=None, lstsq_batches=3)
-    res = evaluate(teacher, student, data["train"], data["test"], cfg, Judge(temperature=2.0),
-                   projections=proj)
+    res = evaluate(
+        teacher, student, data["train"], data["test"], cfg, Judge(temperature=2.0), projections=proj
+    )
     s = summarize(res.rows)
     for split in ("train", "test"):
         assert s[f"{split}/logit_kl"] == pytest.approx(0, abs=1e-5)
         assert s[f"{split}/logit_kl_t1"] == pytest.approx(0, abs=1e-5)
         assert s[f"{split}/agreement"] == 1.0
         assert s[f"{split}/mlm_top1"] == s[f"{split}/teacher_mlm_top1"]
-    for key in ("embedding_lstsq", "hidden_lstsq", "embedding_learned", "hidden_learned",
-                "attention_probs", "attention_scores"):
+    for key in (
+        "embedding_lstsq",
+        "hidden_lstsq",
+        "embedding_learned",
+        "hidden_learned",
+        "attention_probs",
+        "attention_scores",
+    ):
         assert s[f"test/{key}"] == pytest.approx(0, abs=1e-6), key
     assert res.layer_map == [1, 2]
     assert res.fit_tokens == 9 * SEQ + 7  # all 10 train blocks, real tokens only
@@ -113,12 +120,24 @@ def test_one_row_per_batch_per_split_and_distances_only_held_out(data) -> None:
     res = evaluate(tiny(32), tiny(16, seed=1), data["train"], data["test"], cfg, Judge())
     frame = pd.DataFrame(res.rows)
     assert list(zip(frame.split, frame.batch, strict=True)) == [
-        ("train", 0), ("train", 1), ("test", 0), ("test", 1)
+        ("train", 0),
+        ("train", 1),
+        ("test", 0),
+        ("test", 1),
     ]
     # The ragged last test batch (5 = 4 + 1) holds one block with 7 real tokens.
     assert frame.n_tokens.tolist()[-1] == 7
-    for col in ("logit_kl", "logit_kl_t1", "mlm_loss", "top1", "top5", "agreement",
-                "hidden_lstsq/layer_1", "hidden_lstsq/layer_2", "attention_probs"):
+    for col in (
+        "logit_kl",
+        "logit_kl_t1",
+        "mlm_loss",
+        "top1",
+        "top5",
+        "agreement",
+        "hidden_lstsq/layer_1",
+        "hidden_lstsq/layer_2",
+        "attention_probs",
+    ):
         assert frame[frame.split == "test"][col].notna().all(), col
     assert frame[frame.split == "train"]["hidden_lstsq"].isna().all()
     assert "hidden_learned" not in frame  # no learned projections given
@@ -131,10 +150,26 @@ def test_test_batches_limit_and_weighted_means(data) -> None:
     assert len(list(fixed_batches(data["test"], 4, None))) == 2
     assert len(list(fixed_batches(data["test"], 4, 1))) == 1
     rows = [
-        {"split": "test", "batch": 0, "n_positions": 3, "n_masked": 1, "n_tokens": 10,
-         "logit_kl": 1.0, "top1": 0.0, "hidden_lstsq": 2.0},
-        {"split": "test", "batch": 1, "n_positions": 1, "n_masked": 0, "n_tokens": 30,
-         "logit_kl": 5.0, "top1": math.nan, "hidden_lstsq": 4.0},
+        {
+            "split": "test",
+            "batch": 0,
+            "n_positions": 3,
+            "n_masked": 1,
+            "n_tokens": 10,
+            "logit_kl": 1.0,
+            "top1": 0.0,
+            "hidden_lstsq": 2.0,
+        },
+        {
+            "split": "test",
+            "batch": 1,
+            "n_positions": 1,
+            "n_masked": 0,
+            "n_tokens": 30,
+            "logit_kl": 5.0,
+            "top1": math.nan,
+            "hidden_lstsq": 4.0,
+        },
     ]
     s = summarize(rows)
     assert s["test/logit_kl"] == pytest.approx((3 * 1 + 5) / 4)
@@ -174,18 +209,31 @@ def test_lstsq_rejects_empty_fit() -> None:
 
 
 def _params(tmp_path) -> dict:
-    paths = {k: str(tmp_path / k) for k in (
-        "corpus", "tokens", "teacher", "student_init", "students", "checkpoints", "metrics",
-        "plots", "report", "distilled")}
+    paths = {
+        k: str(tmp_path / k)
+        for k in (
+            "corpus",
+            "tokens",
+            "teacher",
+            "student_init",
+            "students",
+            "checkpoints",
+            "metrics",
+            "plots",
+            "report",
+            "distilled",
+        )
+    }
     multi = {"terms": {"embedding": 1.0, "hidden": 1.0, "attention": 1.0, "logit": 1.0}}
     return {
         "base": {"precision": "fp32", "device": "cpu"},
         "paths": paths,
-        "loss": {"scheme": "multi", "arms": ["logit", "multi"],
-                 "schemes": {"logit": {"terms": {"logit": 1.0}, "temperature": 2.0},
-                             "multi": multi}},
-        "evaluate": {"batch_size": 4, "train_batches": 2, "test_batches": None,
-                     "lstsq_batches": 2},
+        "loss": {
+            "scheme": "multi",
+            "arms": ["logit", "multi"],
+            "schemes": {"logit": {"terms": {"logit": 1.0}, "temperature": 2.0}, "multi": multi},
+        },
+        "evaluate": {"batch_size": 4, "train_batches": 2, "test_batches": None, "lstsq_batches": 2},
     }
 
 
@@ -199,8 +247,10 @@ def test_stage_writes_rows_per_split_and_metrics(tmp_path, data, monkeypatch) ->
     tiny(16, seed=1).save_pretrained(raw["paths"]["student_init"])
     tiny(16, seed=2).save_pretrained(tmp_path / "students" / "logit")
     tiny(16, seed=3).save_pretrained(tmp_path / "students" / "multi")
-    torch.save(Projections(16, 32, [0, 1, 2], shared=False).state_dict(),
-               tmp_path / "students" / "multi" / "projections.pt")
+    torch.save(
+        Projections(16, 32, [0, 1, 2], shared=False).state_dict(),
+        tmp_path / "students" / "multi" / "projections.pt",
+    )
     monkeypatch.chdir(tmp_path)
 
     for argv in (["--arm", "logit"], ["--arm", "multi"], ["--init"]):
@@ -209,13 +259,28 @@ def test_stage_writes_rows_per_split_and_metrics(tmp_path, data, monkeypatch) ->
     for name in ("logit", "multi", "student_init"):
         frame = pd.read_csv(plots / f"eval_{name}.csv")
         assert frame.groupby("split").size().to_dict() == {"train": 2, "test": 2}
-        assert {"split", "batch", "logit_kl", "logit_kl_t1", "mlm_loss", "top1", "top5",
-                "agreement"} <= set(frame.columns)
+        assert {
+            "split",
+            "batch",
+            "logit_kl",
+            "logit_kl_t1",
+            "mlm_loss",
+            "top1",
+            "top5",
+            "agreement",
+        } <= set(frame.columns)
         assert len(pd.read_csv(plots / f"eval_{name}_train.csv")) == 2
         assert len(pd.read_csv(plots / f"eval_{name}_test.csv")) == 2
         m = read_json(metrics / f"eval_{name}.json")
-        for key in ("train/logit_kl", "test/logit_kl_t1", "test/mlm_top1", "test/agreement",
-                    "test/embedding_lstsq", "test/hidden_lstsq", "test/attention_probs"):
+        for key in (
+            "train/logit_kl",
+            "test/logit_kl_t1",
+            "test/mlm_top1",
+            "test/agreement",
+            "test/embedding_lstsq",
+            "test/hidden_lstsq",
+            "test/attention_probs",
+        ):
             assert m[key] is not None, (name, key)
     logit = read_json(metrics / "eval_logit.json")
     multi = read_json(metrics / "eval_multi.json")

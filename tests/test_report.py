@@ -19,39 +19,77 @@ MULTI = Scheme(terms={"embedding": 1.0, "hidden": 1.0, "attention": 1.0, "logit"
 N_LAYERS = 2
 
 
-def write_arm(metrics, plots, name: str, train_kl: float, test_kl: float, grad: float,
-              multi: bool) -> None:
+def write_arm(
+    metrics, plots, name: str, train_kl: float, test_kl: float, grad: float, multi: bool
+) -> None:
     """Outputs of train@name and evaluate@name with the given levels."""
     rows = []
     for split, kl, n in (("train", train_kl, 3), ("test", test_kl, 2)):
         for b in range(n):
-            row = {"split": split, "batch": b, "n_positions": 10, "n_masked": 10, "n_tokens": 50,
-                   "logit_kl": kl * (1 + 0.01 * b), "logit_kl_t1": kl * (1 + 0.01 * b),
-                   "agreement": 0.5, "mlm_loss": 3.0, "top1": 0.3, "top5": 0.5,
-                   "teacher_mlm_loss": 2.0, "teacher_top1": 0.4, "teacher_top5": 0.6}
+            row = {
+                "split": split,
+                "batch": b,
+                "n_positions": 10,
+                "n_masked": 10,
+                "n_tokens": 50,
+                "logit_kl": kl * (1 + 0.01 * b),
+                "logit_kl_t1": kl * (1 + 0.01 * b),
+                "agreement": 0.5,
+                "mlm_loss": 3.0,
+                "top1": 0.3,
+                "top5": 0.5,
+                "teacher_mlm_loss": 2.0,
+                "teacher_top1": 0.4,
+                "teacher_top5": 0.6,
+            }
             if split == "test":
-                row.update({"embedding_lstsq": 0.2, "hidden_lstsq/layer_1": 0.3,
-                            "hidden_lstsq/layer_2": 0.4, "hidden_lstsq": 0.7,
-                            "attention_probs": 0.01, "attention_scores": 1.0})
+                row.update(
+                    {
+                        "embedding_lstsq": 0.2,
+                        "hidden_lstsq/layer_1": 0.3,
+                        "hidden_lstsq/layer_2": 0.4,
+                        "hidden_lstsq": 0.7,
+                        "attention_probs": 0.01,
+                        "attention_scores": 1.0,
+                    }
+                )
                 if multi:
                     row.update({"embedding_learned": 0.25, "hidden_learned": 0.8})
             rows.append(row)
     pd.DataFrame(rows).to_csv(plots / f"eval_{name}.csv", index=False)
-    write_json(metrics / f"eval_{name}.json",
-               {**summarize(rows), "layer_map": [1, 2], "lstsq/fit_tokens": 150,
-                "temperature": 1.0, "logit_positions": "masked"})
+    write_json(
+        metrics / f"eval_{name}.json",
+        {
+            **summarize(rows),
+            "layer_map": [1, 2],
+            "lstsq/fit_tokens": 150,
+            "temperature": 1.0,
+            "logit_positions": "masked",
+        },
+    )
     terms = ["embedding", "hidden", "attention", "logit"] if multi else ["logit"]
     steps = pd.DataFrame(
-        {"step": [5, 10], **{f"loss/{t}": [1.0, 0.5] for t in terms}, "loss/total": [2.0, 1.0],
-         **{f"grad_norm/layer_{i}": [grad, grad] for i in range(N_LAYERS)},
-         "grad_norm/global": [2 * grad, 2 * grad]}
+        {
+            "step": [5, 10],
+            **{f"loss/{t}": [1.0, 0.5] for t in terms},
+            "loss/total": [2.0, 1.0],
+            **{f"grad_norm/layer_{i}": [grad, grad] for i in range(N_LAYERS)},
+            "grad_norm/global": [2 * grad, 2 * grad],
+        }
     )
     steps.to_csv(plots / f"train_{name}.csv", index=False)
-    write_json(metrics / f"train_{name}.json",
-               {"steps": 10, "tokens_per_s": 100.0, "final/loss/total": 1.0,
-                "mean/grad_norm/embeddings": grad, "mean/grad_norm/head": grad / 2,
-                "mean/grad_norm/global": 2 * grad,
-                **{f"mean/grad_norm/layer_{i}": grad * (1 + i) for i in range(N_LAYERS)}})
+    write_json(
+        metrics / f"train_{name}.json",
+        {
+            "steps": 10,
+            "tokens_per_s": 100.0,
+            "final/loss/total": 1.0,
+            "mean/grad_norm/embeddings": grad,
+            "mean/grad_norm/head": grad / 2,
+            "mean/grad_norm/global": 2 * grad,
+            **{f"mean/grad_norm/layer_{i}": grad * (1 + i) for i in range(N_LAYERS)},
+        },
+    )
 
 
 def arms(tmp_path, logit: tuple, multi: tuple) -> list[report.Arm]:
@@ -60,8 +98,10 @@ def arms(tmp_path, logit: tuple, multi: tuple) -> list[report.Arm]:
     plots.mkdir(exist_ok=True)
     write_arm(metrics, plots, "logit", *logit, multi=False)
     write_arm(metrics, plots, "multi", *multi, multi=True)
-    return [report.load_arm("logit", LOGIT, metrics, plots),
-            report.load_arm("multi", MULTI, metrics, plots)]
+    return [
+        report.load_arm("logit", LOGIT, metrics, plots),
+        report.load_arm("multi", MULTI, metrics, plots),
+    ]
 
 
 def test_scheme_neutral_keys_for_any_headline(tmp_path) -> None:
@@ -84,17 +124,24 @@ def test_scheme_neutral_keys_for_any_headline(tmp_path) -> None:
     "logit, multi, winners, verdict",
     [
         # logit wins everything: the seed's finding is reversed.
-        ((0.3, 0.4, 2.0), (0.5, 0.6, 1.0), ("logit", "logit", "logit"),
-         "does not hold: every claim is reversed or tied"),
+        (
+            (0.3, 0.4, 2.0),
+            (0.5, 0.6, 1.0),
+            ("logit", "logit", "logit"),
+            "does not hold: every claim is reversed or tied",
+        ),
         # multi wins everything, as in the seed report.
         ((0.5, 0.6, 1.0), (0.3, 0.4, 2.0), ("multi", "multi", "multi"), "holds"),
         # mixed: multi lower on train only.
-        ((0.5, 0.3, 2.0), (0.3, 0.4, 1.0), ("multi", "logit", "logit"),
-         "does not hold in full (1 of 3 claims hold)"),
+        (
+            (0.5, 0.3, 2.0),
+            (0.3, 0.4, 1.0),
+            ("multi", "logit", "logit"),
+            "does not hold in full (1 of 3 claims hold)",
+        ),
     ],
 )
-def test_report_reads_the_winner_off_the_numbers(tmp_path, logit, multi, winners,
-                                                 verdict) -> None:
+def test_report_reads_the_winner_off_the_numbers(tmp_path, logit, multi, winners, verdict) -> None:
     loaded = arms(tmp_path, logit, multi)
     md = report.markdown(loaded, "multi", [], None)
     lines = {
@@ -125,25 +172,39 @@ def test_stage_writes_figures_report_metrics_and_distilled_model(
 
     arms(tmp_path, (0.5, 0.6, 1.0), (0.3, 0.4, 2.0))
     student = tmp_path / "students" / "multi"
-    BertForMaskedLM(BertConfig(vocab_size=len(default_tokenizer), hidden_size=16,
-                               num_hidden_layers=N_LAYERS, num_attention_heads=2,
-                               intermediate_size=37)).save_pretrained(student)
+    BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(default_tokenizer),
+            hidden_size=16,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=2,
+            intermediate_size=37,
+        )
+    ).save_pretrained(student)
     default_tokenizer.save_pretrained(student)
     (student / "kd_config.json").write_text('{"arm": "multi"}')
-    paths = {k: str(tmp_path / k) for k in ("metrics", "plots", "students", "report",
-                                             "distilled")}
+    paths = {k: str(tmp_path / k) for k in ("metrics", "plots", "students", "report", "distilled")}
     schemes = {"logit": LOGIT.model_dump(), "multi": MULTI.model_dump()}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"paths": paths, "loss": {"scheme": "multi", "arms": ["logit", "multi"],
-                                  "schemes": schemes}}))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "paths": paths,
+                "loss": {"scheme": "multi", "arms": ["logit", "multi"], "schemes": schemes},
+            }
+        )
+    )
     monkeypatch.chdir(tmp_path)
     stage.main()
 
     out = tmp_path / "report"
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["fig2_loss_components.png", "fig3_train_logit_loss.png",
-                    "fig4_test_logit_loss.png", "fig5_grad_norm.png",
-                    "fig6_grad_norm_per_layer.png"]
+    assert pngs == [
+        "fig2_loss_components.png",
+        "fig3_train_logit_loss.png",
+        "fig4_test_logit_loss.png",
+        "fig5_grad_norm.png",
+        "fig6_grad_norm_per_layer.png",
+    ]
     assert all((out / p).stat().st_size > 1000 for p in pngs)
     md = (out / "report.md").read_text()
     assert "the seed's finding **holds**" in md and "(fig3_train_logit_loss.png)" in md

@@ -35,16 +35,23 @@ class FakeRun:
 
 def tiny(hidden, layers, seed):
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=2, intermediate_size=2 * hidden)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+    )
     return BertForMaskedLM(cfg)
 
 
 @pytest.fixture(scope="module")
 def ds():
     g = torch.Generator().manual_seed(0)
-    docs = [torch.randint(5, VOCAB, (int(n),), generator=g).tolist()
-            for n in torch.randint(3, 30, (40,), generator=g)]
+    docs = [
+        torch.randint(5, VOCAB, (int(n),), generator=g).tolist()
+        for n in torch.randint(3, 30, (40,), generator=g)
+    ]
     cols = pack(docs, 16, cls_id=1, sep_id=2, pad_id=0)
     cols["mlm_input_ids"] = cols["input_ids"]
     cols["mlm_labels"] = cols["input_ids"]
@@ -52,14 +59,34 @@ def ds():
 
 
 def run_train(ds, tmp_path, scheme=MULTI, run=None, resume=None, **cfg):
-    cfg = Train(**{"batch_size": 4, "max_steps": 12, "log_every": 2, "checkpoint_every": 4,
-                   "warmup_steps": 2, "lr": 1e-3, **cfg})
+    cfg = Train(
+        **{
+            "batch_size": 4,
+            "max_steps": 12,
+            "log_every": 2,
+            "checkpoint_every": 4,
+            "warmup_steps": 2,
+            "lr": 1e-3,
+            **cfg,
+        }
+    )
     teacher = tiny(24, 3, seed=1)
     d = Distiller(tiny(16, 2, seed=2), teacher, scheme)
     run = run or FakeRun()
-    result = train(d, teacher, ds, cfg, seed=3, precision="fp32", device=torch.device("cpu"),
-                   masking=Masking("dynamic", 3, VOCAB, 0.15), run=run,
-                   ckpt_dir=tmp_path / "ckpt", fingerprint="fp", resume=resume)
+    result = train(
+        d,
+        teacher,
+        ds,
+        cfg,
+        seed=3,
+        precision="fp32",
+        device=torch.device("cpu"),
+        masking=Masking("dynamic", 3, VOCAB, 0.15),
+        run=run,
+        ckpt_dir=tmp_path / "ckpt",
+        fingerprint="fp",
+        resume=resume,
+    )
     return d, result, run
 
 
@@ -68,10 +95,23 @@ def test_logs_every_term_and_per_layer_grad_norms(ds, tmp_path):
     steps = [s for s, _ in run.logged]
     assert steps == [2, 4, 6, 8, 10, 12]
     row = run.logged[-1][1]
-    for key in ["loss/embedding", "loss/hidden", "loss/attention", "loss/logit", "loss/total",
-                "grad_norm/embeddings", "grad_norm/layer_0", "grad_norm/layer_1",
-                "grad_norm/head", "grad_norm/projections", "grad_norm/global",
-                "grad_norm/clipped", "lr", "tokens", "seconds"]:
+    for key in [
+        "loss/embedding",
+        "loss/hidden",
+        "loss/attention",
+        "loss/logit",
+        "loss/total",
+        "grad_norm/embeddings",
+        "grad_norm/layer_0",
+        "grad_norm/layer_1",
+        "grad_norm/head",
+        "grad_norm/projections",
+        "grad_norm/global",
+        "grad_norm/clipped",
+        "lr",
+        "tokens",
+        "seconds",
+    ]:
         assert key in row and math.isfinite(row[key]), key
     assert row["grad_norm/clipped"] <= 1.0 + 1e-6
     assert result.summary["steps"] == 12
@@ -84,7 +124,10 @@ def test_logs_every_term_and_per_layer_grad_norms(ds, tmp_path):
 def test_logit_arm_logs_no_projection_norm(ds, tmp_path):
     _, _, run = run_train(ds, tmp_path, scheme=LOGIT, max_steps=2)
     assert "grad_norm/projections" not in run.logged[-1][1]
-    assert set(k for k in run.logged[-1][1] if k.startswith("loss/")) == {"loss/logit", "loss/total"}
+    assert set(k for k in run.logged[-1][1] if k.startswith("loss/")) == {
+        "loss/logit",
+        "loss/total",
+    }
 
 
 def test_same_seed_same_weights_bit_identical(ds, tmp_path):
