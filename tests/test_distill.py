@@ -121,13 +121,15 @@ def naive_terms(distiller: Distiller, teacher, b, scheme: Scheme) -> dict[str, t
     return out
 
 
+@pytest.mark.parametrize("pad", [True, False], ids=["padded", "packed"])
 @pytest.mark.parametrize("scheme", [MULTI, RELATIONAL], ids=["multi", "relational"])
 @pytest.mark.parametrize("t_layers", [6, 4])
-def test_fast_path_equals_naive_path(t_layers, scheme):
+def test_fast_path_equals_naive_path(t_layers, scheme, pad):
+    # "packed" (no padding) takes the unmasked fused-kernel path of the MSE terms.
     teacher = tiny(24, t_layers, eager=True, seed=1)
     student = tiny(16, 4, eager=True, seed=2)
     d = Distiller(student, teacher, scheme)
-    b = batch()
+    b = batch(pad=pad)
     fast = d(b, teacher)
     ref = naive_terms(d, teacher, b, scheme)
     assert fast.keys() == ref.keys() == scheme.active_terms.keys()

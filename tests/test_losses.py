@@ -315,3 +315,13 @@ def test_activation_boundary_zero_past_the_margin_and_grad() -> None:
     assert loss.item() == pytest.approx(1.0) and torch.isfinite(bad.grad).all()
     with pytest.raises(ValueError):
         activation_boundary(s, t, torch.ones(1, 1), 0.0)
+
+
+def test_no_mask_equals_an_all_ones_mask():
+    # The packed-block fast path (mask=None) computes the masked formula exactly.
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g)
+    a_s, a_t = torch.randn(2, 2, 5, 5, generator=g), torch.randn(2, 2, 5, 5, generator=g)
+    ones = torch.ones(2, 5)
+    torch.testing.assert_close(hidden_mse(s, t, None), hidden_mse(s, t, ones))
+    torch.testing.assert_close(attention_mse(a_s, a_t, None), attention_mse(a_s, a_t, ones))
