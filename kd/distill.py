@@ -166,6 +166,29 @@ def _clone(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.clone()
 
 
+def check_compatible(s_cfg, t_cfg, scheme: Scheme) -> list[int]:
+    """The scheme's layer map for these two model configs, or a one-paragraph SystemExit.
+
+    Called by :class:`Distiller` and, before any stage runs, by kd/preflight.py, which has only
+    the configs: a layer map past the teacher's depth or a head-count mismatch is a params error.
+    """
+    try:
+        layer_map = resolve_layer_map(
+            scheme.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers
+        )
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    by_head = [t for t in HEAD_TERMS if t in scheme.active_terms]
+    if by_head and s_cfg.num_attention_heads != t_cfg.num_attention_heads:
+        raise SystemExit(
+            f"the {', '.join(by_head)} loss compares heads one to one, but the student has "
+            f"{s_cfg.num_attention_heads} heads and the teacher {t_cfg.num_attention_heads}: "
+            "give the student as many heads as the teacher (student.num_attention_heads), "
+            f"or set the weight of {', '.join(by_head)} in this scheme to 0"
+        )
+    return layer_map
+
+
 class Distiller(nn.Module):
     """The trainable part of a distillation arm: the student plus its projections.
 
@@ -181,17 +204,7 @@ class Distiller(nn.Module):
         # The weights and temperature of the current step; schedules move them (set_progress).
         self.terms = scheme.active_terms
         self.temperature = schedules.value(scheme.temperature_schedule, scheme.temperature, 0, 1)
-        self.layer_map = resolve_layer_map(
-            scheme.layer_map, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers
-        )
-        by_head = [t for t in HEAD_TERMS if t in self.terms]
-        if by_head and s_cfg.num_attention_heads != t_cfg.num_attention_heads:
-            raise SystemExit(
-                f"the {', '.join(by_head)} loss compares heads one to one, but the student has "
-                f"{s_cfg.num_attention_heads} heads and the teacher {t_cfg.num_attention_heads}: "
-                "give the student as many heads as the teacher (student.num_attention_heads), "
-                f"or set the weight of {', '.join(by_head)} in this scheme to 0"
-            )
+        self.layer_map = check_compatible(s_cfg, t_cfg, scheme)
         n_s = s_cfg.num_hidden_layers
         indices = ([0] if "embedding" in self.terms else []) + (
             list(range(1, n_s + 1)) if "hidden" in self.terms else []

@@ -50,6 +50,7 @@ class Base(Strict):
 
 
 class Paths(Strict):
+    params_ok: Path = Path("data/params.ok")
     corpus: Path = Path("data/corpus")
     tokens: Path = Path("data/tokens")
     teacher: Path = Path("data/teacher")
@@ -295,7 +296,7 @@ def _format(err: ValidationError, path: Path) -> str:
             msg = "unknown key: check its spelling against params.yaml's documented keys, or remove it"
         elif e["type"] == "missing":
             msg = "required key is missing: add it (see the defaults in the repository's params.yaml)"
-        else:
+        elif not isinstance(e.get("input"), dict | list):  # a whole section is no help to quote
             msg = f"{msg} (got {e.get('input')!r})"
         lines.append(f"  - {key}: {msg}")
     return "\n".join(lines)
@@ -321,3 +322,4 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     if raw is not None and not isinstance(raw, dict):
         raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
     return parse_params(raw, path)
+

@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_file(p.paths.plots / f"train_{arm}.csv") as f:
             pd.DataFrame(result.rows).to_csv(f, index=False)
         write_json(p.paths.metrics / f"train_{arm}.json", summary)
-        run.log_metrics({k: v for k, v in result.summary.items() if isinstance(v, float | int)})
+        # Prefixed: "tokens"/"seconds" are also per-step curves, which a step-less point would join.
+        run.log_metrics(
+            {f"summary/{k}": v for k, v in result.summary.items() if isinstance(v, float | int)},
+            step=result.summary["steps"],
+        )
         run.log_artifact(p.paths.plots / f"train_{arm}.csv")
     checkpoint.remove(ckpt_dir)
     kdist.shutdown(dist)

@@ -203,3 +203,123 @@ def git_dvc_repo(tmp_path) -> GitDvcRepo:
     with (path / ".gitignore").open("a") as f:
         f.write("mlflow.db\nmlflow.db-*\n__pycache__/\n")
     return repo
+
+
+# --- The whole DAG on tiny assets, reproduced once per session -----------------------------------
+# Shared by tests/test_pipeline.py and tests/test_mlflow_server.py. Tests that change anything work
+# on a `clone()` of the built repository, so the one `dvc repro` here is paid for once.
+
+# Per-section overrides of params.yaml: one thread, a tiny student with the teacher's 2 heads (the multi
+# scheme's attention term compares heads one to one), 6 training steps, two batches per split.
+TINY_PIPELINE_PARAMS = {
+    # One thread: on a busy 2-core machine, two threads per stage make tiny steps ~10x slower.
+    "base": {"threads": 1},
+    "corpus": {"source": "text", "test_fraction": 0.2},
+    "tokenize": {"max_seq_length": 32},
+    "student": {
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+    },
+    "train": {
+        "batch_size": 4,
+        "max_steps": 6,
+        "warmup_steps": 2,
+        "log_every": 2,
+        "checkpoint_every": 2,
+    },
+    "evaluate": {"batch_size": 4, "train_batches": 2, "test_batches": 2, "lstsq_batches": 2},
+    # Applied only where params.yaml has the section and the key (stages still being added).
+    "quantize": {
+        "batch_size": 4,
+        "test_batches": 2,
+        "latency_batch_sizes": [1, 4],
+        "latency_seq_length": 32,
+        "warmup_batches": 1,
+        "latency_batches": 2,
+    },
+}
+
+
+def repo_env(path: Path) -> dict[str, str]:
+    """The environment of a user's shell in ``path``: a git identity, no tracking URI, no DVC
+    stage identity, and only that repository's kd/ and stages/ importable."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "MLFLOW_TRACKING_URI" and not k.startswith("DVC_")
+    }
+    env.update(
+        GIT_AUTHOR_NAME="kd tests",
+        GIT_AUTHOR_EMAIL="kd-tests@example.com",
+        GIT_COMMITTER_NAME="kd tests",
+        GIT_COMMITTER_EMAIL="kd-tests@example.com",
+        GIT_CONFIG_NOSYSTEM="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONPATH=str(path),
+    )
+    return env
+
+
+@dataclass
+class TinyPipeline:
+    """A git + DVC copy of this project whose whole DAG has run once on tiny assets.
+
+    ``repo`` holds the reproduced and committed result; ``pristine`` the committed repository
+    before its first ``dvc repro`` (no outputs, empty DVC cache); ``repro_out`` what that
+    ``dvc repro`` printed.
+    """
+
+    repo: GitDvcRepo
+    pristine: Path
+    repro_out: str
+    repro_seconds: float
+
+    @staticmethod
+    def clone(src: Path, dest: Path) -> GitDvcRepo:
+        """A full copy (git history, DVC cache, outputs) that can be changed independently."""
+        shutil.copytree(src, dest, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        return GitDvcRepo(dest, repo_env(dest))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, tiny_teacher_dir) -> TinyPipeline:
+    import time
+
+    import yaml
+
+    root = tmp_path_factory.mktemp("tiny_pipeline")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(d.text for d in make_docs(60, seed=2)) + "\n", encoding="utf-8")
+
+    path = root / "repo"
+    path.mkdir()
+    repo = GitDvcRepo(path, repo_env(path))
+    repo.run("git", "init", "-q")
+    repo.run("dvc", "init", "-q")
+    repo.run("dvc", "config", "core.analytics", "false")
+    with (path / ".gitignore").open("a") as f:
+        f.write("mlflow.db\nmlflow.db-*\nmlruns/\n__pycache__/\n")
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, path / name)
+    for pkg in ("kd", "stages"):
+        shutil.copytree(REPO / pkg, path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    raw = yaml.safe_load((path / "params.yaml").read_text())
+    for section, values in TINY_PIPELINE_PARAMS.items():
+        if section in raw:
+            raw[section].update({k: v for k, v in values.items() if k in raw[section]})
+    raw["corpus"]["text_path"] = str(corpus)
+    # It has a masked-LM head, so prepare_teacher skips adaptation and only scores it.
+    raw["teacher"]["source"] = str(tiny_teacher_dir)
+    (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    repo.commit("tiny pipeline")
+
+    pristine = root / "pristine"
+    shutil.copytree(path, pristine, symlinks=True)
+    start = time.perf_counter()
+    out = repo.run("dvc", "repro", timeout=1200)
+    seconds = time.perf_counter() - start
+    repo.commit("dvc repro")
+    return TinyPipeline(repo, pristine, out, seconds)

@@ -1,0 +1,387 @@
+"""The whole DAG run by DVC itself on tiny assets: outputs, experiments, faults, reproducibility.
+
+One `dvc repro` (the session fixture `tiny_pipeline` in conftest.py) is shared by every test;
+a test that changes anything works on a clone of that repository.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from kd.io import read_json
+from kd.tracking import EXPERIMENT
+
+pytestmark = pytest.mark.slow
+
+ARMS = ("logit", "multi")
+# The stages this file knows about; dvc.yaml may hold more (they must run and track too).
+CORE_STAGES = {
+    "sample_corpus",
+    "tokenize",
+    "prepare_teacher",
+    "init_student",
+    "train@logit",
+    "train@multi",
+    "evaluate@logit",
+    "evaluate@multi",
+    "evaluate_init",
+    "report",
+}
+# Wall-clock measurements: the only values two identical training runs may disagree on.
+WALL_TIME_KEYS = {"seconds", "tokens_per_s", "sequences_per_s"}
+RESUME_STEPS = 300  # train.max_steps of the run that is killed and resumed
+
+
+def _ran(out: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", out))
+
+
+def _run(repo, *cmd: str, env: dict | None = None, timeout: float = 600):
+    """(exit status, stdout, stderr) of ``cmd`` in ``repo``; ``dvc`` goes through this Python."""
+    if cmd[0] == "dvc":
+        cmd = (sys.executable, "-m", "dvc", *cmd[1:])
+    out = subprocess.run(
+        cmd, cwd=repo.path, env=env or repo.env, capture_output=True, text=True, timeout=timeout
+    )
+    return out.returncode, out.stdout, out.stderr
+
+
+def _stages(repo) -> set[str]:
+    from dvc.repo import Repo
+
+    with Repo(str(repo.path)) as dvc:
+        return {stage.name for stage in dvc.index.graph}
+
+
+def _downstream(repo, *names: str) -> set[str]:
+    """Every stage that depends, directly or not, on one of the stages ``names``."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(repo.path)) as dvc:
+        graph = dvc.index.graph  # edges point from a stage to the stages it depends on
+        return {
+            s.name
+            for stage in graph
+            if stage.name in names
+            for s in nx.ancestors(graph, stage)
+        }
+
+
+def _set_params(path: Path, **sections: dict) -> None:
+    raw = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        raw[section].update(values)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _without_wall_time(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in WALL_TIME_KEYS}
+
+
+def _weights(repo, arm: str) -> bytes:
+    return (repo.path / "data" / "students" / arm / "model.safetensors").read_bytes()
+
+
+def _train_csv(repo, arm: str) -> pd.DataFrame:
+    # Every logged column but the wall clock.
+    return pd.read_csv(repo.path / "data" / "plots" / f"train_{arm}.csv").drop(columns="seconds")
+
+
+@pytest.fixture(scope="module")
+def twin(tiny_pipeline, tmp_path_factory):
+    """A second fresh copy of the never-reproduced repository training both arms from scratch.
+
+    Started in the background by the first test that asks for it, so it overlaps with the
+    others; only the stages up to training run (evaluation and the report feed nothing back).
+    """
+    repo = tiny_pipeline.clone(tiny_pipeline.pristine, tmp_path_factory.mktemp("twin") / "repo")
+    log = (repo.path.parent / "repro.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", "train@logit", "train@multi"],
+        cwd=repo.path,
+        env=repo.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    yield repo, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline, twin) -> None:
+    repo = tiny_pipeline.repo
+    stages = _stages(repo)
+    assert CORE_STAGES <= stages
+    assert _ran(tiny_pipeline.repro_out) == stages, tiny_pipeline.repro_out
+    data = repo.path / "data"
+
+    headline = read_json(data / "metrics" / "eval.json")
+    for key in ("test/logit_kl_t1", "train/logit_kl_t1", "test/logit_kl", "train_final_loss"):
+        assert isinstance(headline[key], float) and math.isfinite(headline[key]), key
+    numbers = {
+        k: v for k, v in headline.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    assert numbers and all(math.isfinite(v) for v in numbers.values())
+    # Scheme-neutral headline keys carry the headline arm's values.
+    assert headline["scheme"] == "multi"
+    assert headline["test/logit_kl_t1"] == headline["arms/multi/test/logit_kl_t1"]
+
+    report = data / "report"
+    assert (report / "report.md").read_text().strip()
+    pngs = sorted(report.glob("*.png"))
+    assert pngs and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs), pngs
+    for name in (p.name for p in pngs):
+        assert name in (report / "report.md").read_text(), f"{name} is not in report.md"
+    assert (data / "distilled" / "model.safetensors").is_file()
+    assert (data / "distilled" / "model.safetensors").read_bytes() == _weights(repo, "multi")
+    for arm in ARMS:
+        assert (data / "students" / arm / "model.safetensors").is_file(), arm
+        assert read_json(data / "metrics" / f"train_{arm}.json")["steps"] == 6
+        assert (data / "metrics" / f"eval_{arm}.json").is_file()
+    # Training finished, so no checkpoint is left behind.
+    assert not list((data / "checkpoints").rglob("checkpoint.pt"))
+
+    # Every stage tracked into the repository's own database (DVC_ROOT), not the caller's.
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo.path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id])
+    names = sorted(r.info.run_name for r in runs)
+    expected = (stages - {"evaluate_init"}) | {"evaluate@student_init"}
+    assert names == sorted(expected)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+    again = repo.run("dvc", "repro")
+    assert _ran(again) == set(), again
+    assert "Data and pipelines are up to date." in again
+
+
+def test_scheme_only_experiment_reruns_only_report(tiny_pipeline, tmp_path) -> None:
+    repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
+    baseline = read_json(repo.path / "data" / "metrics" / "eval.json")
+
+    out = repo.run("dvc", "exp", "run", "-S", "loss.scheme=logit")
+    print(out)  # what DVC printed, for the record (pytest -s)
+    assert "Running stage 'report'" in out, out
+    assert "Running stage 'train@" not in out and "Running stage 'evaluate@" not in out, out
+    # Besides the report, only what consumes its export (data/distilled) may rerun.
+    assert _ran(out) - {"report"} <= _downstream(repo, "report"), out
+    result = read_json(repo.path / "data" / "metrics" / "eval.json")
+    assert result["scheme"] == "logit"
+    assert result["test/logit_kl_t1"] == baseline["arms/logit/test/logit_kl_t1"]
+    assert (repo.path / "data" / "distilled" / "model.safetensors").read_bytes() == _weights(
+        repo, "logit"
+    )
+
+    shown = json.loads(repo.run("dvc", "exp", "show", "--json"))
+    rows = {}
+
+    def collect(node) -> None:
+        if isinstance(node, dict):
+            metrics = (node.get("data") or {}).get("metrics") or {}
+            if "data/metrics/eval.json" in metrics:
+                rows[node.get("name") or node["rev"]] = metrics["data/metrics/eval.json"]["data"]
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(shown)
+    schemes = {name: r.get("scheme") for name, r in rows.items()}
+    assert "workspace" in rows and len(rows) >= 3, schemes  # workspace, baseline, experiment
+    assert sorted(schemes.values()).count("logit") >= 2 and "multi" in schemes.values(), schemes
+    # The same scheme-neutral columns in every row. DVC leaves out null values (the logit arm
+    # has no learned projections), so those are the only keys one row may lack.
+    nulls = {k for k, v in result.items() if v is None}
+    for name, row in rows.items():
+        assert set(row) | nulls == set(baseline) | nulls, name
+        for key in ("test/logit_kl_t1", "train/logit_kl_t1", "test/mlm_top1", "train_final_loss"):
+            assert math.isfinite(row[key]), (name, key)
+
+    with_plots = subprocess.run(
+        [sys.executable, "-m", "dvc", "plots", "diff", "--json"],
+        cwd=repo.path,
+        env=repo.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert with_plots.returncode == 0, with_plots.stderr
+    plots = json.loads(with_plots.stdout)
+    assert {"total_loss", "eval_train_logit_loss", "eval_test_logit_loss"} <= set(plots["data"])
+
+
+def test_one_arms_parameter_retrains_only_that_arm(tiny_pipeline, tmp_path) -> None:
+    repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
+    before = read_json(repo.path / "data" / "metrics" / "train_logit.json")
+
+    out = repo.run("dvc", "exp", "run", "-S", "loss.schemes.multi.terms.attention=0.5")
+    arm = {"train@multi", "evaluate@multi", "report"}
+    assert arm <= _ran(out) <= arm | _downstream(repo, "train@multi"), out
+    assert not {"train@logit", "evaluate@logit", "evaluate_init"} & _ran(out), out
+    assert read_json(repo.path / "data" / "metrics" / "train_logit.json") == before
+    multi = read_json(repo.path / "data" / "metrics" / "train_multi.json")
+    assert multi["steps"] == 6 and math.isfinite(multi["final/loss/attention"])
+
+
+@pytest.fixture(scope="module")
+def _bad_input_repo(tiny_pipeline, tmp_path_factory):
+    return tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path_factory.mktemp("bad") / "repo")
+
+
+@pytest.fixture
+def bad_input_repo(_bad_input_repo):
+    yield _bad_input_repo
+    # A failed `dvc exp run` leaves its -S in params.yaml; put the committed state back.
+    _bad_input_repo.run("git", "checkout", "-q", "--", ".")
+    _bad_input_repo.run("dvc", "checkout", "--force", "-q")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lr=-1", "train.lr"),
+        ("loss.scheme=nope", "loss.scheme"),
+        ("train.lrr=1", "train.lrr"),  # refused by DVC itself: -S cannot add keys
+        ("loss.schemes.multi.layer_map=[1,9]", "layer_map"),  # past the teacher's 2 layers
+        ("loss.schemes.multi.temperature=0", "loss.schemes.multi.temperature"),
+    ],
+)
+def test_bad_override_fails_before_any_work(bad_input_repo, override, key) -> None:
+    repo = bad_input_repo
+
+    def outputs() -> dict:
+        # Every output DVC could have deleted: check_params runs first, so none may change.
+        return {
+            p.relative_to(repo.path): p.read_bytes()
+            for p in sorted((repo.path / "data").rglob("*"))
+            if p.is_file() and "checkpoints" not in p.parts
+        }
+
+    before = outputs()
+
+    rc, stdout, stderr = _run(repo, "dvc", "exp", "run", "-S", override)
+    out = stdout + stderr
+    assert rc != 0, out
+    assert key in stderr, out
+    assert "distil:" not in out, out  # not a single training step
+    assert not list((repo.path / "data" / "checkpoints").rglob("checkpoint.pt"))
+    assert outputs() == before, out
+
+
+def test_unreachable_tracking_server_warns_once_and_writes_outputs(tiny_pipeline, tmp_path) -> None:
+    repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
+    metrics = repo.path / "data" / "metrics" / "train_logit.json"
+    plot = repo.path / "data" / "plots" / "train_logit.csv"
+    before = read_json(metrics)
+    stamps = (metrics.stat().st_mtime_ns, plot.stat().st_mtime_ns)
+    env = {
+        **repo.env,
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    }
+
+    rc, stdout, stderr = _run(
+        repo, "dvc", "repro", "--single-item", "--force", "train@logit", env=env
+    )
+    assert rc == 0, stdout + stderr
+    assert _ran(stdout) == {"train@logit"}, stdout
+    warnings = [line for line in stderr.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1 and "MLflow" in warnings[0], stderr
+    assert "http://127.0.0.1:9" in warnings[0]
+    assert metrics.stat().st_mtime_ns > stamps[0] and plot.stat().st_mtime_ns > stamps[1]
+    assert _without_wall_time(read_json(metrics)) == _without_wall_time(before)
+
+
+def test_killed_training_resumes_to_the_same_result(tiny_pipeline, tmp_path) -> None:
+    repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
+    # Long enough that a kill 0.5-2 s after the first checkpoint lands mid-run: a tiny step takes
+    # ~20-30 ms on one busy core, so the run has seconds left at the kill.
+    _set_params(
+        repo.path / "params.yaml",
+        train={"max_steps": RESUME_STEPS, "checkpoint_every": 5, "log_every": 20},
+    )
+    cmd = [sys.executable, "-m", "kd.launch", "stages.train", "--arm", "multi"]
+    metrics = repo.path / "data" / "metrics" / "train_multi.json"
+    ckpt = repo.path / "data" / "checkpoints" / "multi" / "checkpoint.pt"
+
+    whole = subprocess.run(cmd, cwd=repo.path, env=repo.env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    expected, expected_weights = read_json(metrics), _weights(repo, "multi")
+    assert expected["steps"] == RESUME_STEPS and not ckpt.exists()
+
+    log = tmp_path / "killed.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=repo.path,
+            env=repo.env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while not ckpt.exists():
+                assert proc.poll() is None, (
+                    f"exited before its first checkpoint:\n{log.read_text()}"
+                )
+                assert time.monotonic() < deadline, "no checkpoint within 300 s"
+                time.sleep(0.05)
+            time.sleep(random.uniform(0.5, 2.0))
+            assert proc.poll() is None, "training finished before the kill: raise max_steps"
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert ckpt.exists()
+
+    resumed = subprocess.run(cmd, cwd=repo.path, env=repo.env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    step = re.search(r"resuming from step (\d+)", resumed.stdout + resumed.stderr)
+    assert step, resumed.stdout + resumed.stderr
+    assert 0 < int(step.group(1)) < RESUME_STEPS and int(step.group(1)) % 5 == 0
+    assert _without_wall_time(read_json(metrics)) == _without_wall_time(expected)
+    assert _weights(repo, "multi") == expected_weights
+    assert not ckpt.exists()
+
+
+def test_fresh_copy_trains_bit_identically(tiny_pipeline, twin) -> None:
+    copy, proc = twin
+    try:
+        proc.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the second repository's `dvc repro` did not finish in 900 s")
+    log = (copy.path.parent / "repro.log").read_text()
+    assert proc.returncode == 0, log
+    repo = tiny_pipeline.repo
+    for arm in ARMS:
+        ours = read_json(repo.path / "data" / "metrics" / f"train_{arm}.json")
+        theirs = read_json(copy.path / "data" / "metrics" / f"train_{arm}.json")
+        assert set(ours) == set(theirs)
+        assert _without_wall_time(ours) == _without_wall_time(theirs), arm
+        assert any(k.startswith("mean/grad_norm/") for k in ours)
+        pd.testing.assert_frame_equal(
+            _train_csv(repo, arm), _train_csv(copy, arm), check_exact=True
+        )
+        assert _weights(repo, arm) == _weights(copy, arm), arm
