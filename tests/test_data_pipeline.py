@@ -45,6 +45,9 @@ def pipeline_repo(git_dvc_repo, tiny_text_corpus, tiny_teacher_dir):
         repo.path / "params.yaml",
         corpus={"source": "text", "text_path": str(tiny_text_corpus), "test_fraction": 0.2},
         teacher={"source": str(tiny_teacher_dir)},
+        # check_params runs first and checks the attention term's head counts against the teacher
+        student={"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "intermediate_size": 32},
         tokenize={"max_seq_length": 32},
     )
     repo.commit("pipeline")

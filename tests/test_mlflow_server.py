@@ -142,3 +142,26 @@ def test_only_the_multi_arm_has_intermediate_terms(api, runs) -> None:
         multi = api.history(runs["train@multi"]["run_id"], key)
         assert sorted(p["step"] for p in multi) == STEPS, (key, multi)
         assert api.history(runs["train@logit"]["run_id"], key) == [], key
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_ui_compares_the_two_arms_in_a_real_browser(api, runs, tmp_path) -> None:
+    # The UI is a JavaScript app: only a browser that runs it shows whether the page works.
+    ids = json.dumps([runs["train@logit"]["run_id"], runs["train@multi"]["run_id"]])
+    exp = json.dumps([runs["train@logit"]["experiment_id"]])
+    url = f"{api.base}/#/compare-runs?runs={ids}&experiments={exp}"
+    cmd = [
+        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1600,1100",
+        "--virtual-time-budget=20000", "--dump-dom", url,
+    ]  # fmt: skip
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    assert "Comparing 2 Runs" in dom, dom[-2000:]
+    assert "train@logit" in dom and "train@multi" in dom
