@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import BertConfig, BertForMaskedLM
+from tiny import tiny_bert
+from transformers import BertForMaskedLM
 
 from kd import dist as kdist
 from kd import tracking
@@ -26,17 +27,8 @@ VOCAB = 60
 
 
 def tiny(hidden: int, layers: int, seed: int) -> BertForMaskedLM:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForMaskedLM(cfg)
+    return tiny_bert(hidden, layers, seed, VOCAB, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
 
 
 def main() -> None:

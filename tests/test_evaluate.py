@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset, DatasetDict
-from transformers import BertConfig, BertForMaskedLM
+from tiny import tiny_bert
+from transformers import BertForMaskedLM
 
 from kd import lstsq
 from kd.distill import Projections
@@ -24,16 +25,7 @@ SEQ = 12
 
 
 def tiny(hidden: int, layers: int = 2, seed: int = 0) -> BertForMaskedLM:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=SEQ,
-    )
-    return BertForMaskedLM(cfg).eval()
+    return tiny_bert(hidden, layers, seed, VOCAB, 37, max_position_embeddings=SEQ).eval()
 
 
 def toy_split(n: int, seed: int) -> Dataset:

@@ -10,8 +10,9 @@ import torch
 import yaml
 from datasets import Dataset, DatasetDict
 from mlflow.tracking import MlflowClient
+from tiny import tiny_bert
 from torch import nn
-from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
 from kd import quantize
 from kd.io import read_json
@@ -31,16 +32,7 @@ SMALL = dict(
 
 
 def tiny(hidden: int = 64, layers: int = 2, seed: int = 0) -> BertForMaskedLM:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=4 * hidden,
-        max_position_embeddings=SEQ,
-    )
-    return BertForMaskedLM(cfg).eval()
+    return tiny_bert(hidden, layers, seed, VOCAB, 4 * hidden, max_position_embeddings=SEQ).eval()
 
 
 def toy_split(n: int = 10, seed: int = 0) -> Dataset:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from transformers import BertConfig, BertForMaskedLM
+from tiny import tiny_bert
 
 from kd import checkpoint, student
 from kd.distill import Distiller
@@ -34,15 +34,7 @@ class FakeRun:
 
 
 def tiny(hidden, layers, seed):
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-    )
-    return BertForMaskedLM(cfg)
+    return tiny_bert(hidden, layers, seed, VOCAB)
 
 
 @pytest.fixture(scope="module")
