@@ -180,23 +180,33 @@ class GitDvcRepo:
         return self.run("git", "rev-parse", "HEAD").strip()
 
 
-@pytest.fixture
-def git_dvc_repo(tmp_path) -> GitDvcRepo:
-    """An initialised, empty git + DVC repo (no commit yet) in ``tmp_path / 'repo'``."""
-    path = tmp_path / "repo"
-    path.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+def repo_env(path: Path, *importable: Path) -> dict[str, str]:
+    """The environment of a user's shell in ``path``: a git identity, no tracking URI, no DVC
+    stage identity, and only that repository (plus ``importable``) on the import path."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "MLFLOW_TRACKING_URI" and not k.startswith("DVC_")
+    }
     env.update(
         GIT_AUTHOR_NAME="kd tests",
         GIT_AUTHOR_EMAIL="kd-tests@example.com",
         GIT_COMMITTER_NAME="kd tests",
         GIT_COMMITTER_EMAIL="kd-tests@example.com",
         GIT_CONFIG_NOSYSTEM="1",
-        PYTHONPATH=os.pathsep.join(
-            p for p in (str(path), str(REPO), os.environ.get("PYTHONPATH")) if p
-        ),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(str(p) for p in (path, *importable)),
     )
-    repo = GitDvcRepo(path, env)
+    return env
+
+
+@pytest.fixture
+def git_dvc_repo(tmp_path) -> GitDvcRepo:
+    """An initialised, empty git + DVC repo (no commit yet) in ``tmp_path / 'repo'``."""
+    path = tmp_path / "repo"
+    path.mkdir()
+    repo = GitDvcRepo(path, repo_env(path, REPO))
     repo.run("git", "init", "-q")
     repo.run("dvc", "init", "-q")
     repo.run("dvc", "config", "core.analytics", "false")
@@ -240,27 +250,6 @@ TINY_PIPELINE_PARAMS = {
         "latency_batches": 2,
     },
 }
-
-
-def repo_env(path: Path) -> dict[str, str]:
-    """The environment of a user's shell in ``path``: a git identity, no tracking URI, no DVC
-    stage identity, and only that repository's kd/ and stages/ importable."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k != "MLFLOW_TRACKING_URI" and not k.startswith("DVC_")
-    }
-    env.update(
-        GIT_AUTHOR_NAME="kd tests",
-        GIT_AUTHOR_EMAIL="kd-tests@example.com",
-        GIT_COMMITTER_NAME="kd tests",
-        GIT_COMMITTER_EMAIL="kd-tests@example.com",
-        GIT_CONFIG_NOSYSTEM="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        PYTHONPATH=str(path),
-    )
-    return env
 
 
 @dataclass
