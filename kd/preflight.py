@@ -31,7 +31,7 @@ def student_config(p: Params):
 def check(p: Params) -> None:
     teacher = AutoConfig.from_pretrained(resolve_model(p.teacher.source))
     student = student_config(p)
-    for arm in p.loss.arms:
+    for arm in p.loss.trained:
         try:
             check_compatible(student, teacher, p.loss.schemes[arm])
         except SystemExit as err:

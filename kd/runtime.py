@@ -54,10 +54,11 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def setup(base: Base) -> tuple[torch.device, torch.Generator]:
-    """Apply threads and seed; return the device and the stage's explicit generator."""
+def setup(base: Base, seed: int | None = None) -> tuple[torch.device, torch.Generator]:
+    """Apply threads and the seed (``base.seed`` unless the stage has its own); return the
+    device and the stage's explicit generator."""
     if base.threads:
         torch.set_num_threads(base.threads)
     # Tokenizers fork-parallelism warns (and can deadlock) once torch has started threads.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return pick_device(base), set_seed(base.seed)
+    return pick_device(base), set_seed(base.seed if seed is None else seed)

@@ -1,7 +1,8 @@
 """evaluate@<arm>: score one arm's student against the teacher on the fixed batches.
 
 ``--init`` scores the initial student instead (the floor both arms started from), at T = 1 on
-masked positions with the uniform layer map; its outputs are named ``student_init``.
+masked positions with the uniform layer map; its outputs are named ``student_init``. ``--scheme``
+scores loss.scheme when it is not an arm (the evaluate_scheme stage; see kd/arms.py).
 """
 
 from __future__ import annotations
@@ -14,14 +15,12 @@ import pandas as pd
 import torch
 from transformers import AutoModelForMaskedLM
 
-from kd import tokens, tracking
+from kd import arms, tokens, tracking
 from kd.distill import Projections
 from kd.evaluate import Judge, evaluate, summarize
 from kd.io import atomic_file, write_json
 from kd.params import load_params
 from kd.runtime import setup
-
-FLOOR = "student_init"
 
 
 def load_projections(path: Path, d_student: int, d_teacher: int) -> Projections:
@@ -39,19 +38,25 @@ def main(argv: list[str] | None = None) -> None:
     who = ap.add_mutually_exclusive_group(required=True)
     who.add_argument("--arm", help="a scheme name listed in loss.arms")
     who.add_argument("--init", action="store_true", help="score the initial student (the floor)")
+    who.add_argument("--scheme", action="store_true",
+                     help="loss.scheme, when it is not an arm (the evaluate_scheme stage)")
     args = ap.parse_args(argv)
     p = load_params()
-    device, _ = setup(p.base)
-
     if args.init:
-        name, model_dir, judge, scheme = FLOOR, p.paths.student_init, Judge(), None
-    else:
-        if args.arm not in p.loss.arms:
-            raise SystemExit(f"--arm {args.arm!r} is not in loss.arms {p.loss.arms}")
-        scheme = p.loss.schemes[args.arm]
-        name, model_dir, judge = args.arm, p.paths.students / args.arm, Judge.of(scheme)
+        run_stage(p, arms.of_floor(p), None)
+        return
+    with arms.writing(p, args.arm, "eval") as out:
+        if out is not None:
+            run_stage(p, out, p.loss.schemes[out.name])
+
+
+def run_stage(p, out: arms.Outputs, scheme) -> None:
+    """Score ``out.student`` (trained with ``scheme``; None for the floor) into ``out``'s files."""
+    device, _ = setup(p.base)
+    name, model_dir = out.name, out.student
+    judge = Judge() if scheme is None else Judge.of(scheme)
     if not model_dir.exists():
-        raise SystemExit(f"{model_dir} is missing: run its stage first (`dvc repro`)")
+        raise SystemExit(f"{model_dir} is missing: run {out.train_stage} first (`dvc repro`)")
     dd = tokens.load(p.paths.tokens)
     teacher = AutoModelForMaskedLM.from_pretrained(p.paths.teacher)
     student = AutoModelForMaskedLM.from_pretrained(model_dir)
@@ -78,11 +83,11 @@ def main(argv: list[str] | None = None) -> None:
             precision=p.base.precision,
         )
         frame = pd.DataFrame(result.rows)
-        with atomic_file(p.paths.plots / f"eval_{name}.csv") as f:
+        with atomic_file(out.eval_csv) as f:
             frame.to_csv(f, index=False)
         # One file per split as well: `dvc plots` cannot filter rows, and overlays need them.
         for split, part in frame.groupby("split", sort=False):
-            with atomic_file(p.paths.plots / f"eval_{name}_{split}.csv") as f:
+            with atomic_file(out.eval_split_csv(split)) as f:
                 part.dropna(axis=1, how="all").to_csv(f, index=False)
         summary = {
             **summarize(result.rows),
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             "temperature": judge.temperature,
             "logit_positions": judge.logit_positions,
         }
-        write_json(p.paths.metrics / f"eval_{name}.json", summary)
+        write_json(out.eval_json, summary)
         # Per-batch curves, one per split and metric, with the batch index as the step.
         for row in result.rows:
             run.log_metrics(
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                 if isinstance(v, float | int) and math.isfinite(v)
             }
         )
-        run.log_artifact(p.paths.plots / f"eval_{name}.csv")
+        run.log_artifact(out.eval_csv)
     print(
         f"{name}: test logit KL {summary['test/logit_kl']:.4f} (T=1 {summary['test/logit_kl_t1']:.4f}), "
         f"masked top-1 {summary['test/mlm_top1']:.3f}, agreement {summary['test/agreement']:.3f}"

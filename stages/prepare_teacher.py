@@ -11,7 +11,7 @@ from kd.params import load_params
 
 def main() -> None:
     p = load_params()
-    device, gen = runtime.setup(p.base)
+    device, gen = runtime.setup(p.base, seed=p.teacher.seed)
     dd = tokens.load(p.paths.tokens)
     # The tokenizer the token dataset was built with (see assets.tokenizers): saved alongside.
     tokenizer = assets.load_tokenizer(p.tokenize.teacher_tokenizer or p.teacher.source)

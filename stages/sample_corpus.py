@@ -10,7 +10,7 @@ from kd.params import load_params
 def main() -> None:
     p = load_params()
     with tracking.start_run("sample_corpus", params=p.corpus.model_dump()) as run:
-        splits = corpus.sample(p.corpus, p.base.seed)
+        splits = corpus.sample(p.corpus, p.corpus.seed)
         with atomic_dir(p.paths.corpus) as tmp:
             for name, docs in splits.items():
                 corpus.write_split(tmp / f"{name}.jsonl", docs)

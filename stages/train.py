@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from kd import checkpoint, student, tokens, tracking
+from kd import arms, checkpoint, student, tokens, tracking
 from kd import dist as kdist
 from kd.distill import Distiller
 from kd.io import atomic_dir, atomic_file, read_json, write_json
@@ -19,11 +19,19 @@ from kd.train import Masking, train
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--arm", required=True, help="a scheme name listed in loss.arms")
-    arm = ap.parse_args(argv).arm
+    who = ap.add_mutually_exclusive_group(required=True)
+    who.add_argument("--arm", help="a scheme name listed in loss.arms")
+    who.add_argument("--scheme", action="store_true",
+                     help="loss.scheme, when it is not an arm (the train_scheme stage)")
+    args = ap.parse_args(argv)
     p = load_params()
-    if arm not in p.loss.arms:
-        raise SystemExit(f"--arm {arm!r} is not in loss.arms {p.loss.arms}")
+    with arms.writing(p, args.arm, "train") as out:
+        if out is not None:
+            run_stage(p, out)
+
+
+def run_stage(p, out: arms.Outputs) -> None:
+    arm = out.name
     scheme = p.loss.schemes[arm]
     device, _ = setup(p.base)
     dist, device = kdist.init(device)
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             kdist.shutdown(dist)
             return
         summary = {**result.summary, "layer_map": distiller.layer_map}
-        with atomic_dir(p.paths.students / arm) as tmp:
+        with atomic_dir(out.student) as tmp:
             distiller.student.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             if distiller.projections is not None:
@@ -99,15 +107,15 @@ def main(argv: list[str] | None = None) -> None:
                     "student_init_sha256": init_hash,
                 },
             )
-        with atomic_file(p.paths.plots / f"train_{arm}.csv") as f:
+        with atomic_file(out.train_csv) as f:
             pd.DataFrame(result.rows).to_csv(f, index=False)
-        write_json(p.paths.metrics / f"train_{arm}.json", summary)
+        write_json(out.train_json, summary)
         # Prefixed: "tokens"/"seconds" are also per-step curves, which a step-less point would join.
         run.log_metrics(
             {f"summary/{k}": v for k, v in result.summary.items() if isinstance(v, float | int)},
             step=result.summary["steps"],
         )
-        run.log_artifact(p.paths.plots / f"train_{arm}.csv")
+        run.log_artifact(out.train_csv)
     checkpoint.remove(ckpt_dir)
     kdist.shutdown(dist)
     print(

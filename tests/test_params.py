@@ -82,12 +82,18 @@ def test_bad_value_names_the_dotted_key(raw, dotted, value) -> None:
     assert repr(value) in msg  # shows what it got
 
 
-def test_scheme_not_in_arms(raw) -> None:
-    bad = _broken(raw, "loss.arms", ["logit"])
-    bad["loss"]["scheme"] = "multi"
-    msg = _error(bad)
-    assert "loss.scheme" in msg
-    assert "logit" in msg  # the arms it could be
+def test_scheme_outside_the_arms_is_trained_besides_them(raw) -> None:
+    ok = _broken(raw, "loss.scheme", "minilm")
+    p = Params.model_validate(ok)
+    assert p.loss.trained == [*raw["loss"]["arms"], "minilm"]
+    ok = _broken(raw, "loss.scheme", "logit")
+    assert Params.model_validate(ok).loss.trained == raw["loss"]["arms"]
+
+
+def test_scheme_not_defined(raw) -> None:
+    msg = _error(_broken(raw, "loss.scheme", "patient_kd"))
+    assert "loss.scheme" in msg and "'patient_kd'" in msg
+    assert "minilm" in msg  # the schemes it could be
 
 
 def test_arm_not_a_scheme(raw) -> None:

@@ -165,7 +165,9 @@ def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline, twin) -> None
     runs = client.search_runs([exp.experiment_id])
     names = sorted(r.info.run_name for r in runs)
     # check_params only validates: it has no run of its own.
-    expected = (stages - {"evaluate_init", "check_params"}) | {"evaluate@student_init"}
+    # The scheme stages only write a note here (loss.scheme is an arm): no run either.
+    quiet = {"evaluate_init", "check_params", "train_scheme", "evaluate_scheme"}
+    expected = (stages - quiet) | {"evaluate@student_init"}
     assert names == sorted(expected)
     assert {r.info.status for r in runs} == {"FINISHED"}
 
@@ -183,8 +185,13 @@ def test_scheme_only_experiment_reruns_only_report(tiny_pipeline, tmp_path) -> N
     assert "Running stage 'report'" in out, out
     assert "Running stage 'train@" not in out and "Running stage 'evaluate@" not in out, out
     # Besides the report, only what consumes its export (data/distilled) may rerun.
-    # check_params reruns on any change of params (it is cheap and touches nothing downstream).
-    assert _ran(out) - {"report", "check_params"} <= _downstream(repo, "report"), out
+    # check_params reruns on any change of params (it is cheap and touches nothing downstream);
+    # so do the scheme stages, which only note that logit is an arm.
+    cheap = {"report", "check_params", "train_scheme", "evaluate_scheme", "probe"}
+    assert _ran(out) - cheap <= _downstream(repo, "report"), out
+    for part in ("train", "eval"):
+        assert not (repo.path / "data" / "scheme" / part / "student").exists()
+        assert read_json(repo.path / "data" / "scheme" / part / "note.json")["scheme"] == "logit"
     result = read_json(repo.path / "data" / "metrics" / "eval.json")
     assert result["scheme"] == "logit"
     assert result["test/logit_kl_t1"] == baseline["arms/logit/test/logit_kl_t1"]
@@ -229,6 +236,36 @@ def test_scheme_only_experiment_reruns_only_report(tiny_pipeline, tmp_path) -> N
     assert with_plots.returncode == 0, with_plots.stderr
     plots = json.loads(with_plots.stdout)
     assert {"total_loss", "eval_train_logit_loss", "eval_test_logit_loss"} <= set(plots["data"])
+
+
+def test_any_defined_scheme_runs_beside_the_arms(tiny_pipeline, tmp_path) -> None:
+    """`dvc exp run -S loss.scheme=NAME` for a scheme that is not an arm trains and scores it
+    (train_scheme, evaluate_scheme), keeps both arms cached, and makes it the headline."""
+    repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
+    before = {arm: _weights(repo, arm) for arm in ARMS}
+
+    out = repo.run("dvc", "exp", "run", "-S", "loss.scheme=minilm")
+    ran = _ran(out)
+    assert {"train_scheme", "evaluate_scheme", "report"} <= ran, out
+    assert not {s for s in ran if s.startswith(("train@", "evaluate@"))}, out
+    assert {arm: _weights(repo, arm) for arm in ARMS} == before
+
+    trained = repo.path / "data" / "scheme" / "train"
+    assert read_json(trained / "train.json")["steps"] == 6
+    assert "loss/minilm_attention" in pd.read_csv(trained / "train.csv").columns
+    result = read_json(repo.path / "data" / "metrics" / "eval.json")
+    assert result["scheme"] == "minilm"
+    assert result["test/logit_kl_t1"] == result["arms/minilm/test/logit_kl_t1"]
+    assert math.isfinite(result["arms/logit/test/logit_kl_t1"])
+    assert (repo.path / "data" / "distilled" / "model.safetensors").read_bytes() == (
+        trained / "student" / "model.safetensors"
+    ).read_bytes()
+    assert "minilm" in (repo.path / "data" / "report" / "report.md").read_text()
+
+    # Back to an arm as the headline: the scheme stages write their note, nothing retrains.
+    back = repo.run("dvc", "exp", "run", "-S", "loss.scheme=multi")
+    assert not {s for s in _ran(back) if s.startswith(("train@", "evaluate@"))}, back
+    assert read_json(trained / "note.json") == {"scheme": "multi", "same_as": "train@multi"}
 
 
 def test_one_arms_parameter_retrains_only_that_arm(tiny_pipeline, tmp_path) -> None:
