@@ -36,7 +36,6 @@ import copy
 import ctypes
 import gc
 import json
-import math
 import platform
 import resource
 import shutil
@@ -55,9 +54,10 @@ from torch import Tensor, nn
 from kd import flops, losses
 from kd.distill import Distiller, logit_positions
 from kd.masking import mask_tokens
+from kd.optim import param_groups
 from kd.params import Scheme, Train
 from kd.runtime import bf16_supported
-from kd.train import Stepper, param_groups
+from kd.train import Stepper
 
 ROWS = ("naive", "textbrewer", "project_fp32", "project_bf16")
 REFERENCE = "naive"  # the row every other row's terms are checked against
@@ -164,19 +164,33 @@ class PeakRSS:
 
 
 def matmul_peak(n: int, dtype: torch.dtype, repeats: int, device: torch.device) -> float:
-    """Best observed GFLOP/s of an n×n by n×n matmul (2·n³ FLOPs) with torch's threads."""
+    """Best observed GFLOP/s of an n×n by n×n matmul (2·n³ FLOPs) with torch's threads.
+
+    Each timing covers enough back-to-back products to last ≥ 20 ms: one product on a GPU takes
+    tens of microseconds, about what a host timer and a sync cost, which would understate the
+    peak. On CUDA n is at least 8192 (a 2048³ product does not fill an H100).
+    """
+    if device.type == "cuda":
+        n = max(n, 8192)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        torch.matmul(a, b, out=out)
-    _sync(device)
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.matmul(a, b, out=out)
+
+    def timed(k: int) -> float:
         _sync(device)
-        best = min(best, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(k):
+            torch.matmul(a, b, out=out)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    timed(2)  # warm-up: kernel selection, caches, clocks
+    inner = 1
+    while (t := timed(inner)) < 0.02 and inner < 4096:
+        inner *= 4
+    best = t / inner
+    for _ in range(repeats):
+        best = min(best, timed(inner) / inner)
     return 2 * n**3 / best / 1e9
 
 
@@ -582,7 +596,8 @@ def _arm(start, scheme, shape, cfg, device, peaks, log) -> dict:
                 if name == "textbrewer":
                     row["version"] = runner.version
                     row["config"] = runner.config
-                terms[name] = runner.terms(batches[0])
+                # Stepper.terms runs the forward on the batch as given (step() moves it)
+                terms[name] = runner.terms({k: v.to(device) for k, v in batches[0].items()})
                 times = time_steps(runner.step, batches, cfg.warmup, cfg.steps, device)
             fl = row_flops(start, scheme, shape, name, batches)
             row.update(status="ok", memory_method=mem.method, terms=terms[name],

@@ -23,7 +23,7 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
-from kd import runtime
+from kd import optim, runtime
 from kd.assets import resolve_model
 from kd.masking import IGNORE, mask_tokens
 from kd.params import Base, Teacher
@@ -120,18 +120,6 @@ def _batch_order(n: int, batch_size: int, steps: int, generator: torch.Generator
         pos += batch_size
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    # No decay on biases and LayerNorm weights (all the 1-D parameters), as in BERT.
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():  # deduplicated: the tied decoder appears once
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 def adapt(
     model: nn.Module,
     train_ds: Dataset,
@@ -170,7 +158,7 @@ def adapt(
     vocab_size = model.config.vocab_size
     model.to(device)
     model.eval()  # dropout off; see the docstring
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = optim.adamw(model, cfg.lr, cfg.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, steps), steps)
 
     window_loss = torch.zeros((), device=device)  # summed on device: .item() only when logging

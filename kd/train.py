@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from kd import checkpoint
+from kd import attribution, checkpoint, optim
 from kd.dist import SINGLE, Dist
 from kd.dist import mean as dist_mean
 from kd.distill import Distiller
@@ -112,19 +112,6 @@ def make_batch(
     return batch
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases and LayerNorm weights (as BERT's optimiser)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 @dataclass
 class Result:
     rows: list[dict[str, float]] = field(default_factory=list)
@@ -147,7 +134,7 @@ class Stepper:
         self.precision, self.device, self.dist = precision, device, dist
         distiller.to(device).train()
         teacher.to(device).eval()
-        self.opt = torch.optim.AdamW(param_groups(distiller, cfg.weight_decay), lr=cfg.lr)
+        self.opt = optim.adamw(distiller, cfg.lr, cfg.weight_decay)
         self.sched = get_linear_schedule_with_warmup(
             self.opt, min(cfg.warmup_steps, n_steps), n_steps
         )
@@ -173,12 +160,22 @@ class Stepper:
         finally:
             self.distiller.train()
 
+    def attributes(self, step: int) -> bool:
+        """Whether 0-based ``step`` also takes each term's own gradient (kd/attribution.py)."""
+        every = self.cfg.attribution_every
+        return bool(every) and (step + 1) % every == 0 and len(self.distiller.terms) > 1
+
     def step(self, full: dict[str, torch.Tensor], step: int = 0) -> tuple[dict, dict]:
-        """Train on one global batch; returns (loss values, gradient norms), rank-averaged."""
+        """Train on one global batch; returns (loss values, gradient norms), rank-averaged.
+
+        At attribution steps the norms also hold each term's own gradient norms per layer and
+        the cosines between terms (``attr/...``), from this rank's share of the batch.
+        """
         dist, distiller = self.dist, self.distiller
         distiller.set_progress(step, self.n_steps)  # scheduled temperature and weights
         self.opt.zero_grad(set_to_none=True)
         acc: dict[str, torch.Tensor] = {}
+        attributing, per_term = self.attributes(step), None
         for m in range(self.accum):
             lo = dist.rank * self.share + m * self.micro
             mb = {k: v[lo : lo + self.micro].to(self.device, non_blocking=True)
@@ -190,6 +187,12 @@ class Stepper:
                 with autocast(self.device, self.precision):
                     terms = self.forward(mb)
                 loss = distiller.total(terms)
+                if attributing:
+                    per_term = attribution.accumulate(
+                        per_term,
+                        attribution.term_gradients(terms, distiller.terms, self.params),
+                        1 / self.accum,
+                    )
                 (loss / self.accum).backward()
             for k, v in {**terms, "total": loss}.items():
                 acc[k] = acc.get(k, 0.0) + v.detach() / self.accum
@@ -206,6 +209,8 @@ class Stepper:
                 "raise train.warmup_steps, or try base.precision: fp32"
             )
         norms = {f"grad_norm/{k}": v for k, v in grad_norms(self.groups).items()}
+        if per_term is not None:
+            norms.update(attribution.summarize(per_term, self.params, self.groups))
         clipped = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         norms["grad_norm/clipped"] = min(float(clipped), self.cfg.max_grad_norm)
         self.opt.step()
@@ -287,6 +292,7 @@ def train(
             elapsed += time.perf_counter() - t0
             tokens += int(full["attention_mask"].sum())
             for k, v in {**values, **norms}.items():
+                # attr/ values exist only at attribution steps: averaged over those (below).
                 sums[k] = sums.get(k, 0.0) + v
             if step % cfg.log_every == 0 or step == n_steps:
                 row = {
@@ -311,6 +317,7 @@ def train(
             "(`dvc repro`) to resume"
         ) from None
     bar.close()
+    n_attr = sum(stepper.attributes(s) for s in range(step))
     result.summary = {
         "steps": step,
         "epochs": step * cfg.batch_size / len(ds),
@@ -318,7 +325,10 @@ def train(
         "seconds": elapsed,
         "tokens_per_s": tokens / elapsed if elapsed else 0.0,
         "sequences_per_s": step * cfg.batch_size / elapsed if elapsed else 0.0,
-        **{f"mean/{k}": v / max(step, 1) for k, v in sums.items()},
+        **{f"mean/{k}": v / max(step, 1) for k, v in sums.items()
+           if not k.startswith(attribution.PREFIX)},
+        **{f"mean/{k}": v / max(n_attr, 1) for k, v in sums.items() if k.startswith(attribution.PREFIX)},
+        "attribution_steps": n_attr,
         **{f"final/{k}": v for k, v in result.rows[-1].items() if k.startswith("loss/")},
     }
     return result
