@@ -56,6 +56,7 @@ class Paths(Strict):
     teacher: Path = Path("data/teacher")
     student_init: Path = Path("data/student_init")
     students: Path = Path("data/students")
+    scheme: Path = Path("data/scheme")
     checkpoints: Path = Path("data/checkpoints")
     metrics: Path = Path("data/metrics")
     plots: Path = Path("data/plots")
@@ -65,6 +66,7 @@ class Paths(Strict):
 
 
 class Corpus(Strict):
+    seed: NonNegInt = 0
     source: Literal["wiki_offline", "hf", "text"] = "wiki_offline"
     hf_name: str = "wikimedia/wikipedia"
     hf_config: str | None = "20231101.en"
@@ -108,6 +110,7 @@ class Tokenize(Strict):
 
 class Teacher(Strict):
     source: str = "default"
+    seed: NonNegInt = 0
     adapt_steps: NonNegInt = 400
     lr: PositiveFloat = 6e-4
     batch_size: PositiveInt = 16
@@ -146,6 +149,18 @@ class Train(Strict):
     masking: Literal["dynamic", "static"] = "dynamic"
     log_every: PositiveInt = 10
     checkpoint_every: PositiveInt = 100
+    attribution_every: NonNegInt = 50
+
+    @model_validator(mode="after")
+    def _attribution_is_logged(self) -> Train:
+        # Attributions are written in the logged rows, so they must fall on logged steps.
+        if self.attribution_every % self.log_every:
+            raise ValueError(
+                f"train.attribution_every={self.attribution_every} is not a multiple of "
+                f"train.log_every={self.log_every}: attributions are written with the logged "
+                f"rows (use e.g. {self.log_every * 5}, or 0 to turn them off)"
+            )
+        return self
 
 
 class Schedule(Strict):
@@ -238,12 +253,17 @@ class Loss(Strict):
                 )
         if len(set(self.arms)) != len(self.arms):
             raise ValueError(f"loss.arms lists an arm twice: {self.arms}")
-        if self.scheme not in self.arms:
+        if self.scheme not in self.schemes:
             raise ValueError(
-                f"loss.scheme is '{self.scheme}', which is not one of the trained arms "
-                f"{self.arms}: set loss.scheme to one of them (e.g. -S loss.scheme={self.arms[0]})"
+                f"loss.scheme is '{self.scheme}', which is not a scheme: define it under "
+                f"loss.schemes or use one of {known}"
             )
         return self
+
+    @property
+    def trained(self) -> list[str]:
+        """Every scheme this experiment trains: the arms, then loss.scheme if it is not one."""
+        return [*self.arms, *([] if self.scheme in self.arms else [self.scheme])]
 
 
 class Evaluate(Strict):
@@ -251,6 +271,49 @@ class Evaluate(Strict):
     train_batches: PositiveInt = 16
     test_batches: PositiveInt | None = None
     lstsq_batches: PositiveInt = 8
+
+
+class Probe(Strict):
+    """The downstream probe (kd/probe.py): a labelled text set, one fixed split, two measures."""
+
+    source: Literal["bbc_offline", "hf", "folder"] = "bbc_offline"
+    folder: Path | None = None  # <class>/*.txt (source: folder)
+    hf_name: str | None = None  # a hub dataset or a local dataset folder (source: hf)
+    hf_config: str | None = None
+    hf_splits: list[str] = Field(default_factory=lambda: ["train"], min_length=1)
+    text_column: str = "text"
+    label_column: str = "label"
+    max_examples: Annotated[int, Field(ge=4)] | None = None  # stratified subsample; None = all
+    test_fraction: Fraction = 0.2
+    seed: NonNegInt = 0  # the split, the subsample and the fine-tune; never base.seed
+    max_seq_length: Annotated[int, Field(ge=8, le=4096)] = 128
+    batch_size: PositiveInt = 64  # texts per forward for features and held-out predictions
+    linear_c: PositiveFloat = 1.0  # inverse L2 strength of the logistic regression
+    linear_max_iter: PositiveInt = 1000
+    finetune_steps: NonNegInt = 40  # 0 = linear probe only
+    finetune_batch_size: PositiveInt = 16
+    finetune_lr: PositiveFloat = 1e-4
+    finetune_warmup_steps: NonNegInt = 4
+    finetune_weight_decay: Annotated[float, Field(ge=0)] = 0.01
+
+    @model_validator(mode="after")
+    def _check(self) -> Probe:
+        if self.source == "folder" and self.folder is None:
+            raise ValueError(
+                "probe.source is 'folder' but probe.folder is null: point it at a folder laid "
+                "out as <class>/*.txt"
+            )
+        if self.source == "hf" and not self.hf_name:
+            raise ValueError(
+                "probe.source is 'hf' but probe.hf_name is null: name a Hugging Face dataset "
+                "(e.g. SetFit/bbc-news) or a local dataset folder"
+            )
+        if self.finetune_steps and self.finetune_warmup_steps >= self.finetune_steps:
+            raise ValueError(
+                f"probe.finetune_warmup_steps ({self.finetune_warmup_steps}) must be below "
+                f"probe.finetune_steps ({self.finetune_steps}): lower the warmup"
+            )
+        return self
 
 
 class Quantize(Strict):
@@ -273,6 +336,7 @@ class Params(Strict):
     train: Train = Train()
     loss: Loss
     evaluate: Evaluate = Evaluate()
+    probe: Probe = Probe()
     quantize: Quantize = Quantize()
 
 

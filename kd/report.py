@@ -1,7 +1,7 @@
 """The experiment's result: headline metrics, the seed report's figures, and what the numbers say.
 
-Everything here reads the evaluate and train stages' outputs (``eval_<arm>.json/.csv``,
-``train_<arm>.json/.csv``); nothing is computed twice and no number in the text is written by
+Everything here reads the evaluate and train stages' outputs (kd/arms.py says where each trained
+scheme's live); nothing is computed twice and no number in the text is written by
 hand. "Logit loss" in the comparisons is the KL at T = 1 (``logit_kl_t1``), which is the training
 KL for T = 1 arms and stays comparable when the arms were trained at different temperatures.
 "Average gradient norm" is the seed's Figure 5 quantity: the per-layer gradient norms (before
@@ -18,10 +18,10 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from kd.arms import Outputs
 from kd.io import atomic_dir, read_json
 from kd.params import Scheme
 
-FLOOR = "student_init"
 # Headline keys that must exist for every arm, so `dvc exp show` columns line up.
 CORE_KEYS = (
     "train/logit_kl",
@@ -63,18 +63,18 @@ def _need(path: Path, stage: str) -> Path:
     return path
 
 
-def load_arm(name: str, scheme: Scheme | None, metrics: Path, plots: Path) -> Arm:
-    """Read an arm's evaluate and train outputs; ``scheme`` None reads the floor (eval only)."""
-    stage = f"evaluate@{name}" if scheme is not None else "evaluate_init"
+def load_arm(out: Outputs, scheme: Scheme | None) -> Arm:
+    """Read a trained scheme's evaluate and train outputs; ``scheme`` None reads the floor (its
+    evaluation only)."""
     arm = Arm(
-        name,
+        out.name,
         scheme,
-        read_json(_need(metrics / f"eval_{name}.json", stage)),
-        pd.read_csv(_need(plots / f"eval_{name}.csv", stage)),
+        read_json(_need(out.eval_json, out.eval_stage)),
+        pd.read_csv(_need(out.eval_csv, out.eval_stage)),
     )
     if scheme is not None:
-        arm.train = read_json(_need(metrics / f"train_{name}.json", f"train@{name}"))
-        arm.steps = pd.read_csv(_need(plots / f"train_{name}.csv", f"train@{name}"))
+        arm.train = read_json(_need(out.train_json, out.train_stage))
+        arm.steps = pd.read_csv(_need(out.train_csv, out.train_stage))
     return arm
 
 
@@ -224,7 +224,111 @@ def figures(arms: list[Arm], out: Path) -> list[Path]:
     ax.set(title="Mean gradient norm per layer over training", ylabel="gradient norm")
     ax.legend()
     paths.append(_save(fig, out / "fig6_grad_norm_per_layer.png"))
+
+    # Matched compute: the arms see the same tokens per step but not the same cost per step.
+    with_logit = [a for a in arms if {"loss/logit", "tokens", "seconds"} <= set(a.steps.columns)]
+    if with_logit:
+        fig = Figure(figsize=(11, 4))
+        left, right = fig.subplots(1, 2)
+        for arm in with_logit:
+            left.plot(arm.steps["tokens"] / 1e6, arm.steps["loss/logit"], label=arm.name)
+            right.plot(arm.steps["seconds"] / 60, arm.steps["loss/logit"], label=arm.name)
+        left.set(title="Training logit loss vs tokens seen", xlabel="tokens (millions)",
+                 ylabel="logit loss (training T)")
+        right.set(title="Training logit loss vs wall time", xlabel="minutes")
+        left.legend()
+        right.legend()
+        paths.append(_save(fig, out / "fig7_matched_compute.png"))
+
+    for arm in (a for a in arms if attribution_terms(a)):
+        paths.append(_attribution_figure(arm, out / f"fig8_attribution_{arm.name}.png"))
     return paths
+
+
+def attribution_terms(arm: Arm) -> list[str]:
+    """The terms whose own gradients were recorded during ``arm``'s training (kd/attribution)."""
+    if arm.train is None:
+        return []
+    found = {k.split("/")[2] for k in arm.train if k.startswith("mean/attr/") and
+             k.endswith("/global") and "/cos/" not in k}
+    order = list(arm.scheme.active_terms) if arm.scheme else []
+    return sorted(found, key=lambda t: (order.index(t) if t in order else len(order), t))
+
+
+def _groups(arm: Arm) -> list[str]:
+    layers = [k.removeprefix("mean/grad_norm/") for k in layer_keys(arm.train)]
+    extra = [g for g in ("head", "projections", "connectors")
+             if f"mean/grad_norm/{g}" in arm.train]
+    return ["embeddings", *layers, *extra]
+
+
+def _attribution_figure(arm: Arm, path: Path) -> Path:
+    terms, groups = attribution_terms(arm), _groups(arm)
+    fig = Figure(figsize=(12, 4))
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(terms)
+    for i, term in enumerate(terms):
+        values = [_value(arm.train.get(f"mean/attr/{term}/{g}")) for g in groups]
+        left.bar([j + i * width for j in range(len(groups))], values, width, label=term)
+    left.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups)
+    left.set(title=f"{arm.name}: each term's own gradient norm per group (mean)",
+             ylabel="gradient norm")
+    left.legend()
+    cos_cols = [c for c in arm.steps.columns if c.startswith("attr/cos/")]
+    rows = arm.steps.dropna(subset=cos_cols[:1])
+    for col in cos_cols:
+        right.plot(rows["step"], rows[col], marker="o", ms=3, label=col.removeprefix("attr/cos/"))
+    right.axhline(0, color="k", lw=0.5)
+    right.set(title="Cosine between terms' gradients (shared parameters)", xlabel="step",
+              ylabel="cosine")
+    right.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _attribution_section(arms: list[Arm]) -> list[str]:
+    attributed = [a for a in arms if attribution_terms(a)]
+    if not attributed:
+        return []
+    lines = [
+        "## Which term drives which layer (gradient attribution)",
+        "",
+        "Every `train.attribution_every` steps each weighted term's own gradient was taken on the "
+        "step's forward (kd/attribution.py; the terms' gradients sum to the training gradient). "
+        "Norms before clipping, averaged over those steps; cosines over the parameters both "
+        "terms reach (negative: the terms pull shared weights apart).",
+        "",
+    ]
+    for arm in attributed:
+        terms, groups = attribution_terms(arm), _groups(arm)
+        layers = [g for g in groups if g.startswith("layer_")]
+        lines += [f"**{arm.name}** ({fmt(arm.train.get('attribution_steps'))} steps attributed)", ""]
+        lines += _table(
+            ["term", *groups, "global"],
+            [[t, *(arm.train.get(f"mean/attr/{t}/{g}") for g in [*groups, "global"])]
+             for t in terms],
+        )
+        top = {
+            g: max(terms, key=lambda t, g=g: _value(arm.train.get(f"mean/attr/{t}/{g}")))
+            for g in layers
+        }
+        drivers = sorted(set(top.values()), key=list(top.values()).count, reverse=True)
+        lines.append(
+            "- Largest own gradient per transformer layer: "
+            + ", ".join(f"{g}: **{t}**" for g, t in top.items())
+            + f" ({', '.join(f'{t} in {list(top.values()).count(t)}' for t in drivers)} of "
+            f"{len(layers)})."
+        )
+        cos = {k.removeprefix("mean/attr/cos/"): v for k, v in arm.train.items()
+               if k.startswith("mean/attr/cos/")}
+        if cos:
+            fighting = [k for k, v in cos.items() if _value(v) < 0]
+            lines.append(
+                "- Mean cosines: " + ", ".join(f"{k} {fmt(v)}" for k, v in cos.items()) + ". "
+                + (f"Pulling apart on average: {', '.join(fighting)}." if fighting
+                   else "No pair pulls apart on average.")
+            )
+        lines.append("")
+    return lines
 
 
 # --- report.md ----------------------------------------------------------------------------
@@ -420,6 +524,7 @@ def markdown(arms: list[Arm], headline: str, figs: list[Path], floor: Arm | None
             ],
             [[a.name, *(fm[a.name].get(k) for k in lstsq_cols + learned_cols)] for a in judged],
         ),
+        *_attribution_section(arms),
         "## Figures",
         "",
         *(f"![{p.stem}]({p.name})" for p in figs),
@@ -439,3 +544,45 @@ def export(student_dir: Path, dest: Path) -> None:
         tok.save_pretrained(tmp)
         if (student_dir / "kd_config.json").exists():
             shutil.copy(student_dir / "kd_config.json", tmp / "kd_config.json")
+
+
+# --- the downstream probe (stages/probe.py) ------------------------------------------------
+
+
+def probe_results(
+    probe: dict | None, arms: list[str], headline: str, floor: str = "student_init"
+) -> tuple[dict, list[str]]:
+    """The probe's accuracies as ``eval.json`` keys, and a report.md section.
+
+    Keys: ``probe/<model>/<metric>`` for the teacher, every arm and the floor;
+    ``arms/<arm>/probe_<metric>`` and, for the headline arm, ``probe_<metric>``, beside the
+    other per-arm and headline keys; ``floor/probe_<metric>``. Nothing when the probe did not run
+    (``probe`` None: no ``metrics/probe.json``), so the report never depends on it.
+    """
+    if not probe:
+        return {}, []
+    metrics = ("linear_acc", "finetune_acc")
+    models = ["teacher", *arms, floor]
+    out: dict = {f"probe/{m}/{k}": probe.get(f"{m}/{k}") for m in models for k in metrics}
+    for arm in arms:
+        out.update({f"arms/{arm}/probe_{k}": probe.get(f"{arm}/{k}") for k in metrics})
+    out.update({f"probe_{k}": probe.get(f"{headline}/{k}") for k in metrics})
+    out.update({f"floor/probe_{k}": probe.get(f"{floor}/{k}") for k in metrics})
+    lines = [
+        "## Downstream probe",
+        "",
+        f"Text classification on `{probe.get('dataset')}` ({fmt(probe.get('n_classes'))} "
+        f"classes: {probe.get('classes')}), {fmt(probe.get('n_train'))} train / "
+        f"{fmt(probe.get('n_test'))} held-out texts; always answering the commonest class scores "
+        f"{fmt(probe.get('majority_acc'))}. *Linear probe*: logistic regression on the frozen, "
+        "mean-pooled final hidden states. *Fine-tune*: the encoder and a new head, a few steps.",
+        "",
+        *_table(
+            ["model", "linear probe accuracy", "fine-tune accuracy"],
+            [
+                [m + (" (headline)" if m == headline else ""), *(probe.get(f"{m}/{k}") for k in metrics)]
+                for m in models
+            ],
+        ),
+    ]
+    return out, lines

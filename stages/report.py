@@ -4,29 +4,38 @@ from __future__ import annotations
 
 import math
 
+from kd import arms as kd_arms
 from kd import report, tracking
-from kd.io import atomic_dir, write_json
+from kd.io import atomic_dir, read_json, write_json
 from kd.params import load_params
 
 
 def main() -> None:
     p = load_params()
-    metrics, plots = p.paths.metrics, p.paths.plots
-    arms = [report.load_arm(a, p.loss.schemes[a], metrics, plots) for a in p.loss.arms]
+    arms = [report.load_arm(o, p.loss.schemes[o.name]) for o in kd_arms.compared(p)]
     floor = None
-    if (metrics / f"eval_{report.FLOOR}.json").exists():
-        floor = report.load_arm(report.FLOOR, None, metrics, plots)
+    if kd_arms.of_floor(p).eval_json.exists():
+        floor = report.load_arm(kd_arms.of_floor(p), None)
     headline = p.loss.scheme
     summary = report.eval_metrics(arms, headline, floor)
+    probe_json = p.paths.metrics / "probe.json"  # absent when the probe stage has not run
+    probe_keys, probe_md = report.probe_results(
+        read_json(probe_json) if probe_json.exists() else None,
+        [a.name for a in arms],
+        headline,
+        kd_arms.FLOOR,
+    )
+    summary.update(probe_keys)
 
     with tracking.start_run(
         "report", params={"loss.scheme": headline, "loss.arms": ",".join(p.loss.arms)}
     ) as run:
         with atomic_dir(p.paths.report) as tmp:
             figs = report.figures(arms, tmp)
-            (tmp / "report.md").write_text(report.markdown(arms, headline, figs, floor))
-        report.export(p.paths.students / headline, p.paths.distilled)
-        write_json(metrics / "eval.json", summary)
+            md = report.markdown(arms, headline, figs, floor)
+            (tmp / "report.md").write_text(md + "\n".join(probe_md))
+        report.export(kd_arms.headline(p).student, p.paths.distilled)
+        write_json(p.paths.metrics / "eval.json", summary)
         run.log_metrics(
             {
                 k: float(v)

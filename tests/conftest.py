@@ -240,6 +240,15 @@ TINY_PIPELINE_PARAMS = {
         "checkpoint_every": 2,
     },
     "evaluate": {"batch_size": 4, "train_batches": 2, "test_batches": 2, "lstsq_batches": 2},
+    # A toy three-topic folder (written by the fixture), not the 2,225 BBC articles; 2 fine-tune steps.
+    "probe": {
+        "source": "folder",
+        "max_seq_length": 32,
+        "batch_size": 16,
+        "finetune_steps": 2,
+        "finetune_batch_size": 4,
+        "finetune_warmup_steps": 1,
+    },
     # Applied only where params.yaml has the section and the key (stages still being added).
     "quantize": {
         "batch_size": 4,
@@ -278,6 +287,7 @@ def tiny_pipeline(tmp_path_factory, tiny_teacher_dir) -> TinyPipeline:
     import time
 
     import yaml
+    from tiny import topic_folder
 
     root = tmp_path_factory.mktemp("tiny_pipeline")
     corpus = root / "corpus.txt"
@@ -300,6 +310,8 @@ def tiny_pipeline(tmp_path_factory, tiny_teacher_dir) -> TinyPipeline:
         if section in raw:
             raw[section].update({k: v for k, v in values.items() if k in raw[section]})
     raw["corpus"]["text_path"] = str(corpus)
+    if "probe" in raw:
+        raw["probe"]["folder"] = str(topic_folder(root / "probe_topics", per_class=10))
     # It has a masked-LM head, so prepare_teacher skips adaptation and only scores it.
     raw["teacher"]["source"] = str(tiny_teacher_dir)
     (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import yaml
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
+from kd import arms as kd_arms
 from kd import report
 from kd.evaluate import summarize
 from kd.io import read_json, write_json
@@ -71,10 +73,13 @@ def write_arm(
     steps = pd.DataFrame(
         {
             "step": [5, 10],
+            "tokens": [640, 1280],
+            "seconds": [1.0, 2.0 if not multi else 2.5],
             **{f"loss/{t}": [1.0, 0.5] for t in terms},
             "loss/total": [2.0, 1.0],
             **{f"grad_norm/layer_{i}": [grad, grad] for i in range(N_LAYERS)},
             "grad_norm/global": [2 * grad, 2 * grad],
+            **({"attr/cos/hidden~logit": [float("nan"), 0.1]} if multi else {}),
         }
     )
     steps.to_csv(plots / f"train_{name}.csv", index=False)
@@ -88,8 +93,34 @@ def write_arm(
             "mean/grad_norm/head": grad / 2,
             "mean/grad_norm/global": 2 * grad,
             **{f"mean/grad_norm/layer_{i}": grad * (1 + i) for i in range(N_LAYERS)},
+            **(ATTRIBUTION if multi else {}),
+            "attribution_steps": 2 if multi else 0,
         },
     )
+
+
+# The multi arm's per-term gradient norms: hidden drives layer_0, logit layer_1; hidden and
+# attention pull apart.
+ATTRIBUTION = {
+    **{f"mean/attr/{t}/{g}": v
+       for t, vals in {"embedding": (0.1, 0.0, 0.0), "hidden": (0.2, 0.9, 0.1),
+                       "attention": (0.1, 0.3, 0.2), "logit": (0.3, 0.2, 0.8)}.items()
+       for g, v in zip(("embeddings", "layer_0", "layer_1"), vals, strict=True)},
+    **{f"mean/attr/{t}/global": 1.0 for t in ("embedding", "hidden", "attention", "logit")},
+    "mean/attr/cos/hidden~attention": -0.2,
+    "mean/attr/cos/hidden~logit": 0.1,
+}
+
+
+def test_attribution_section_names_the_driving_term(tmp_path) -> None:
+    loaded = arms(tmp_path, (0.5, 0.6, 1.0), (0.4, 0.5, 2.0))
+    assert report.attribution_terms(loaded[0]) == []
+    assert report.attribution_terms(loaded[1]) == ["embedding", "hidden", "attention", "logit"]
+    text = "\n".join(report._attribution_section(loaded))
+    assert "layer_0: **hidden**" in text and "layer_1: **logit**" in text
+    assert "Pulling apart on average: hidden~attention" in text
+    figs = report.figures(loaded, tmp_path)
+    assert {p.name for p in figs} >= {"fig7_matched_compute.png", "fig8_attribution_multi.png"}
 
 
 def arms(tmp_path, logit: tuple, multi: tuple) -> list[report.Arm]:
@@ -98,9 +129,10 @@ def arms(tmp_path, logit: tuple, multi: tuple) -> list[report.Arm]:
     plots.mkdir(exist_ok=True)
     write_arm(metrics, plots, "logit", *logit, multi=False)
     write_arm(metrics, plots, "multi", *multi, multi=True)
+    p = SimpleNamespace(paths=SimpleNamespace(metrics=metrics, plots=plots, students=tmp_path))
     return [
-        report.load_arm("logit", LOGIT, metrics, plots),
-        report.load_arm("multi", MULTI, metrics, plots),
+        report.load_arm(kd_arms.of_arm(p, "logit"), LOGIT),
+        report.load_arm(kd_arms.of_arm(p, "multi"), MULTI),
     ]
 
 
@@ -204,6 +236,8 @@ def test_stage_writes_figures_report_metrics_and_distilled_model(
         "fig4_test_logit_loss.png",
         "fig5_grad_norm.png",
         "fig6_grad_norm_per_layer.png",
+        "fig7_matched_compute.png",
+        "fig8_attribution_multi.png",
     ]
     assert all((out / p).stat().st_size > 1000 for p in pngs)
     md = (out / "report.md").read_text()

@@ -19,3 +19,43 @@ def tiny_bert(
         **{"num_attention_heads": 2, **config},
     )
     return BertForMaskedLM(cfg)
+
+
+# Three topics with disjoint vocabularies (single word pieces in the default BERT vocabulary):
+# any encoder that keeps token identity separates them, so a probe must score high on them.
+TOPICS = {
+    "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach"],
+    "music": ["piano", "guitar", "violin", "drum", "flute", "trumpet", "song", "harp"],
+    "nature": ["river", "mountain", "forest", "valley", "ocean", "desert", "island", "lake"],
+}
+
+
+def topic_texts(per_class: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """``per_class`` distinct texts of 4-12 words per topic, and their topic indices."""
+    import random
+
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for label, words in enumerate(TOPICS.values()):
+        seen: set[str] = set()
+        while len(seen) < per_class:
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
+            if text not in seen:
+                seen.add(text)
+                texts.append(text)
+                labels.append(label)
+    return texts, labels
+
+
+def topic_folder(path, per_class: int = 30, seed: int = 0):
+    """``path/<topic>/<i>.txt``, the probe's folder layout; returns ``path``."""
+    from pathlib import Path
+
+    path = Path(path)
+    texts, labels = topic_texts(per_class, seed)
+    names = list(TOPICS)
+    for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
+        folder = path / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:04d}.txt").write_text(text + "\n", encoding="utf-8")
+    return path

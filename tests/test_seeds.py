@@ -1,0 +1,199 @@
+"""kd.seeds: the statistics on hand-computed cases, the verdicts, which `dvc exp show` rows count,
+and the command end to end on a real `dvc exp show --json` (tests/data/dvc_exp_show.json).
+
+The fixture came from a throwaway git + DVC repo whose one stage writes an eval.json shaped like
+kd.report's (arms logit and multi, plus a probe key): the workspace and its commit at seed 0,
+queued seeds 1 and 2, seed 1 queued twice, seed 3 with another train.lr, seed 13 failing (DVC
+lists it with its baseline's metrics), and seed 9 still queued.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from kd import seeds
+from kd.seeds import Row
+
+FIXTURE = Path(__file__).parent / "data" / "dvc_exp_show.json"
+T_975_2 = 4.302652729749462  # t_{0.975, 2}, from tables
+
+
+def row(rev, seed, metrics=None, ts=None, **params) -> Row:
+    p = {"base.seed": seed, "train.lr": 5e-4, **params}
+    m = {"arms/logit/train/logit_kl_t1": 1.0} if metrics is None else metrics
+    return Row(rev, None if rev == "workspace" else rev, ts, None, None, p, m)
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+def test_summarize_known_values():
+    s = seeds.summarize([1, 2, 3])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(2) and s["sd"] == pytest.approx(1)
+    assert s["half_width"] == pytest.approx(T_975_2 / math.sqrt(3))  # 2.484
+    assert (s["ci_low"], s["ci_high"]) == pytest.approx((2 - 2.4841, 2 + 2.4841), abs=1e-4)
+
+
+def test_summarize_drops_missing_and_has_no_interval_for_one_value():
+    assert seeds.summarize([None, float("nan"), 3.0, True]) == {
+        "n": 1,
+        "mean": 3.0,
+        "sd": None,
+        "half_width": None,
+        "ci_low": None,
+        "ci_high": None,
+    }
+
+
+def test_paired_difference_against_the_formula():
+    # d = [1, 2, 2, 1]: mean 1.5, sd √(1/3), t = 1.5 / (sd/√4) = 3√3 with 3 degrees of freedom.
+    # Student's t with 3 df has a closed-form CDF: two-sided p = 1 - (2/π)(u/(1+u²) + atan u),
+    # u = t/√3 = 3.
+    d = seeds.paired([1, 2, 3, 4], [2, 4, 5, 5])
+    assert d["diffs"] == [1, 2, 2, 1]
+    assert d["mean"] == pytest.approx(1.5) and d["sd"] == pytest.approx(math.sqrt(1 / 3))
+    assert d["t"] == pytest.approx(3 * math.sqrt(3))
+    assert d["p"] == pytest.approx(1 - 2 / math.pi * (3 / 10 + math.atan(3)))  # 0.013847
+    assert d["half_width"] == pytest.approx(3.182446305 * math.sqrt(1 / 3) / 2)
+
+
+def test_paired_skips_seeds_missing_either_value():
+    d = seeds.paired([1.0, None, 3.0], [2.0, 5.0, 5.0])
+    assert d["n"] == 2 and d["diffs"] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "lower", "expected"),
+    [
+        (-0.3, -0.1, True, "holds"),
+        (0.1, 0.3, True, "reversed"),
+        (-0.1, 0.3, True, "not distinguishable"),
+        (0.1, 0.3, False, "holds"),
+        (-0.3, -0.1, False, "reversed"),
+        (-0.1, 0.3, False, "not distinguishable"),
+        (0.0, 0.3, False, "not distinguishable"),  # touching 0 is not "entirely above"
+        (None, None, True, "not distinguishable"),  # one seed: no interval
+    ],
+)
+def test_verdict(low, high, lower, expected):
+    assert seeds.verdict(low, high, lower) == expected
+
+
+# --- rows of `dvc exp show --json` ---------------------------------------------------------------
+
+
+def test_parse_rows_walks_the_real_tree():
+    rows = seeds.parse_rows(json.loads(FIXTURE.read_text()))
+    got = {(r.label, r.seed) for r in rows}
+    assert got == {
+        ("workspace", 0),
+        ("master", 0),
+        ("ratty-oner", 1),
+        ("ratty-pall", 1),
+        ("gauzy-doll", 2),
+        ("dried-lieu", 3),
+        ("quits-uvea", 9),
+        ("spumy-tuts", 13),
+    }
+    by = {r.label: r for r in rows}
+    assert by["spumy-tuts"].error == "Experiment run failed" and by["spumy-tuts"].state == "failed"
+    assert by["quits-uvea"].state == "queued" and by["quits-uvea"].metrics is None
+    assert by["workspace"].params["loss.schemes.logit.terms.logit"] == 1.0
+    assert by["gauzy-doll"].metrics["arms/multi/mean_grad_norm"] == 0.1091
+
+
+def test_select_on_the_real_tree():
+    sel = seeds.select(seeds.parse_rows(json.loads(FIXTURE.read_text())))
+    assert [(r.label, r.seed) for r in sel.rows] == [
+        ("workspace", 0),  # over its identical commit
+        ("ratty-oner", 1),  # the newer of two identical runs
+        ("gauzy-doll", 2),
+    ]
+    notes = "\n".join(sel.notes)
+    assert "dried-lieu (seed 3): params differ beyond base.seed: train.lr=0.001" in notes
+    assert "spumy-tuts (seed 13): failed" in notes  # its stale metrics are never read
+    assert "quits-uvea (seed 9): queued" in notes
+    assert "kept the workspace's (workspace), skipped master" in notes
+    assert "kept the newest (ratty-oner), skipped ratty-pall" in notes
+
+
+def test_select_skips_other_params_and_keeps_one_row_per_seed():
+    rows = [
+        row("workspace", 0),
+        row("aaa", 1, ts="2026-01-01T00:00:00"),
+        row("bbb", 1, ts="2026-01-02T00:00:00"),
+        row("ccc", 2, **{"loss.arms": ["logit"]}),  # a key the workspace does not have
+        row("ddd", 3, **{"train.lr": 1e-3}),
+        row("eee", 4, metrics={}),  # an empty metrics dict counts as none
+    ]
+    sel = seeds.select(rows)
+    assert [r.label for r in sel.rows] == ["workspace", "bbb"]
+    notes = "\n".join(sel.notes)
+    assert "ccc (seed 2): params differ beyond base.seed: loss.arms=['logit']" in notes
+    assert "ddd (seed 3): params differ beyond base.seed: train.lr=0.001" in notes
+    assert "eee (seed 4): no eval.json" in notes
+    assert "kept the newest (bbb), skipped aaa" in notes
+
+
+def test_too_few_seeds_names_the_command_to_queue_more():
+    with pytest.raises(SystemExit, match=r"1 seed\(s\).*dvc exp run --queue -S 'base.seed=1,2'"):
+        seeds.select([row("workspace", 0), row("abc1234", 0), row("x", 5, **{"train.lr": 1.0})])
+
+
+# --- pairs -----------------------------------------------------------------------------------
+
+
+def test_pairs_come_from_the_schemes_terms_or_the_arm_name():
+    params = {
+        "loss.schemes.kd.terms.logit": 1.0,
+        "loss.schemes.kd.terms.hidden": 0.0,  # a zero weight is no term
+        "loss.schemes.tiny.terms.logit": 1.0,
+        "loss.schemes.tiny.terms.hidden": 1.0,
+    }
+    assert seeds.arm_pairs(["kd", "tiny", "minilm"], params) == [("kd", "tiny"), ("kd", "minilm")]
+    assert seeds.arm_pairs(["logit", "multi"], {}) == [("logit", "multi")]
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "seeds"
+    result = seeds.main(["--json", str(FIXTURE), "--out", str(out), "--no-mlflow"])
+    saved = json.loads((out / "seeds.json").read_text())
+    md = (out / "seeds.md").read_text()
+    printed = capsys.readouterr().out
+
+    assert saved["seeds"] == [0, 1, 2] == result["seeds"]
+    assert [r["label"] for r in saved["runs"]] == ["workspace", "ratty-oner", "gauzy-doll"]
+    logit = saved["arms"]["logit"]["train/logit_kl_t1"]
+    assert logit["values"] == [2.6138, 2.5854, 2.6182]
+    assert logit["mean"] == pytest.approx((2.6138 + 2.5854 + 2.6182) / 3)
+    assert set(saved["arms"]["multi"]) == {*seeds.HEADLINE, "probe_linear_acc"}
+
+    pair = saved["pairs"]["multi_vs_logit"]
+    assert pair["metrics"]["mean_grad_norm"]["diffs"] == pytest.approx(
+        [0.1088 - 0.0556, 0.1033 - 0.0556, 0.1091 - 0.0538]
+    )
+    verdicts = {k: c["verdict"] for k, c in pair["claims"].items()}
+    assert verdicts == {
+        "train/logit_kl_t1": "reversed",  # multi's is higher on every seed
+        "test/logit_kl_t1": "reversed",
+        "mean_grad_norm": "holds",
+    }
+    assert "| mean_grad_norm | 0.05207 ± 0.00975 | 0.001889 | 3 | higher | **holds** |" in md
+    assert "multi has a lower train logit loss than logit: **reversed**" in md
+    assert "skipped spumy-tuts (seed 13): failed" in md
+    assert md in printed
+
+
+def test_exp_show_runs_dvc_in_a_repo(git_dvc_repo):
+    (git_dvc_repo.path / "params.yaml").write_text("base:\n  seed: 0\n")
+    git_dvc_repo.commit("params")
+    rows = seeds.parse_rows(seeds.exp_show(git_dvc_repo.path))
+    assert [r.rev for r in rows][0] == "workspace"
+    assert all(r.seed == 0 for r in rows)
