@@ -23,7 +23,8 @@ from pathlib import Path
 from kd.io import atomic_dir, read_json, write_json
 
 FLOOR = "student_init"  # the initial student, scored by evaluate_init
-NOTE = "note.json"  # what train_scheme/evaluate_scheme write when the scheme is an arm
+NOTE = "note.json"  # what the scheme stages write when the scheme is an arm
+STAGE = {"train": "train", "eval": "evaluate", "probe": "probe"}  # part -> the arm stages' name
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Outputs:
     eval_csv: Path
     train_stage: str
     eval_stage: str
+    probe_json: Path
+    probe_stage: str
 
     def eval_split_csv(self, split: str) -> Path:
         """One split's rows of ``eval_csv``: `dvc plots` cannot filter rows, overlays need them."""
@@ -55,18 +58,26 @@ def of_arm(p, arm: str) -> Outputs:
         plots / f"eval_{arm}.csv",
         f"train@{arm}",
         f"evaluate@{arm}",
+        p.paths.probe / f"{arm}.json",
+        f"probe@{arm}",
     )
 
 
 def of_floor(p) -> Outputs:
     out = of_arm(p, FLOOR)
-    return replace(out, student=p.paths.student_init, eval_stage="evaluate_init")
+    return replace(
+        out, student=p.paths.student_init, eval_stage="evaluate_init", probe_stage="probe_init"
+    )
 
 
-def of_scheme(p, train_dir: Path | None = None, eval_dir: Path | None = None) -> Outputs:
-    """The scheme stage's outputs; ``train_dir``/``eval_dir`` redirect them while writing."""
+def of_scheme(
+    p, train_dir: Path | None = None, eval_dir: Path | None = None, probe_dir: Path | None = None
+) -> Outputs:
+    """The scheme stages' outputs; ``train_dir``/``eval_dir``/``probe_dir`` redirect them while
+    writing."""
     t = train_dir or p.paths.scheme / "train"
     e = eval_dir or p.paths.scheme / "eval"
+    r = probe_dir or p.paths.scheme / "probe"
     return Outputs(
         p.loss.scheme,
         t / "student",
@@ -76,6 +87,8 @@ def of_scheme(p, train_dir: Path | None = None, eval_dir: Path | None = None) ->
         e / "eval.csv",
         "train_scheme",
         "evaluate_scheme",
+        r / "probe.json",
+        "probe_scheme",
     )
 
 
@@ -93,7 +106,8 @@ def headline(p) -> Outputs:
 
 @contextlib.contextmanager
 def writing(p, arm: str | None, part: str) -> Iterator[Outputs | None]:
-    """The outputs a train/evaluate stage writes its ``part`` ("train" or "eval") into.
+    """The outputs a train/evaluate/probe stage writes its ``part`` ("train", "eval" or "probe")
+    into.
 
     An arm's files are written in place, each atomically by its writer. The scheme stage writes
     into a temporary copy of its directory, renamed into place only when the block succeeds, so a
@@ -112,13 +126,10 @@ def writing(p, arm: str | None, part: str) -> Iterator[Outputs | None]:
         if p.loss.scheme in p.loss.arms:
             write_json(
                 tmp / NOTE,
-                {
-                    "scheme": p.loss.scheme,
-                    "same_as": f"{'train' if part == 'train' else 'evaluate'}@{p.loss.scheme}",
-                },
+                {"scheme": p.loss.scheme, "same_as": f"{STAGE[part]}@{p.loss.scheme}"},
             )
             print(f"loss.scheme {p.loss.scheme!r} is an arm: its {part} stage is "
-                  f"{part if part == 'train' else 'evaluate'}@{p.loss.scheme}; nothing to do here")
+                  f"{STAGE[part]}@{p.loss.scheme}; nothing to do here")
             yield None
             return
         yield of_scheme(p, **{f"{part}_dir": tmp})

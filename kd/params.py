@@ -57,6 +57,7 @@ class Paths(Strict):
     student_init: Path = Path("data/student_init")
     students: Path = Path("data/students")
     scheme: Path = Path("data/scheme")
+    probe: Path = Path("data/probe")
     checkpoints: Path = Path("data/checkpoints")
     metrics: Path = Path("data/metrics")
     plots: Path = Path("data/plots")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kd import optim
 from kd.params import Probe
 from kd.runtime import autocast
 
@@ -306,15 +307,7 @@ def finetune(
     )
     _check_loaded(info, model_dir, ("pooler.", "classifier.", "score."))
     model.to(device).train()
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.finetune_weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},  # biases and LayerNorms, as BERT did
-        ],
-        lr=cfg.finetune_lr,
-    )
+    opt = optim.adamw(model, cfg.finetune_lr, cfg.finetune_weight_decay)
     sched = get_linear_schedule_with_warmup(opt, cfg.finetune_warmup_steps, cfg.finetune_steps)
     g = torch.Generator().manual_seed(cfg.seed)
     labels = torch.as_tensor(train_labels, dtype=torch.long)

@@ -549,6 +549,20 @@ def export(student_dir: Path, dest: Path) -> None:
 # --- the downstream probe (stages/probe.py) ------------------------------------------------
 
 
+def read_probes(files: dict[str, Path]) -> dict | None:
+    """The probe stages' per-model JSONs as one ``{"<model>/<metric>": value, ...}`` dict (plus
+    the dataset's description, the same in every file); None when no model was probed."""
+    found = {name: read_json(path) for name, path in files.items() if path.exists()}
+    if not found:
+        return None
+    merged = {k: v for k, v in next(iter(found.values())).items()
+              if k in ("dataset", "classes", "n_classes", "n_train", "n_test", "majority_acc")}
+    for name, result in found.items():
+        merged.update({f"{name}/{k}": v for k, v in result.items()
+                       if k in ("linear_acc", "finetune_acc", "seconds")})
+    return merged
+
+
 def probe_results(
     probe: dict | None, arms: list[str], headline: str, floor: str = "student_init"
 ) -> tuple[dict, list[str]]:
@@ -556,8 +570,8 @@ def probe_results(
 
     Keys: ``probe/<model>/<metric>`` for the teacher, every arm and the floor;
     ``arms/<arm>/probe_<metric>`` and, for the headline arm, ``probe_<metric>``, beside the
-    other per-arm and headline keys; ``floor/probe_<metric>``. Nothing when the probe did not run
-    (``probe`` None: no ``metrics/probe.json``), so the report never depends on it.
+    other per-arm and headline keys; ``floor/probe_<metric>``. Nothing when no probe ran
+    (``probe`` None), so the report never depends on it.
     """
     if not probe:
         return {}, []

@@ -1,11 +1,13 @@
-"""probe: what each model is good for downstream, on one labelled text set (kd/probe.py).
+"""probe@<arm>, probe_teacher, probe_init, probe_scheme: what one model is good for downstream.
 
-Scores the teacher, the initial student (the floor) and every trained scheme with a linear probe
-on frozen features and a short fine-tune, on one fixed split; writes ``metrics/probe.json``.
+A linear probe on frozen features and a short fine-tune on one labelled text set and one fixed
+split (kd/probe.py). One stage per model, so an experiment reprobes only the models it changed:
+another seed reprobes the students, a new scheme only its own, and the teacher never.
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -15,63 +17,71 @@ from kd.params import Params, load_params
 from kd.runtime import setup
 
 FINETUNE_LOG_EVERY = 10  # steps between fine-tune loss points in MLflow (one round trip each)
+TEACHER = "teacher"
 
 
-def models(p: Params) -> list[tuple[str, Path, str]]:
-    """(name, directory, the stage that writes it) for every model the probe scores."""
-    return [
-        ("teacher", p.paths.teacher, "prepare_teacher"),
-        (arms.FLOOR, arms.of_floor(p).student, "init_student"),
-        *((o.name, o.student, o.train_stage) for o in arms.compared(p)),
-    ]
-
-
-def main() -> None:
-    p = load_params()
+def run_stage(p: Params, name: str, model_dir: Path, stage: str, out: Path) -> None:
+    """Probe ``model_dir`` (written by ``stage``) and write its accuracies to ``out``."""
+    if not model_dir.exists():
+        raise SystemExit(f"{model_dir} is missing: run {stage} first (`dvc repro`)")
     device, _ = setup(p.base, seed=p.probe.seed)
-    todo = models(p)
-    for _, model_dir, stage in todo:
-        if not model_dir.exists():
-            raise SystemExit(f"{model_dir} is missing: run {stage} first (`dvc repro`)")
     start = time.perf_counter()
     data = probe.load(p.probe)
     train_rows, test_rows = probe.split(data.labels, p.probe.test_fraction, p.probe.seed)
     counts = [int((data.labels[test_rows] == c).sum()) for c in range(len(data.classes))]
-    summary: dict = {
-        "dataset": p.probe.source,
-        "classes": ",".join(data.classes),
-        "n_classes": len(data.classes),
-        "n_train": len(train_rows),
-        "n_test": len(test_rows),
-        "majority_acc": max(counts) / len(test_rows),  # the accuracy of always guessing one class
-    }
     print(
-        f"probe: {p.probe.source}, {len(data.classes)} classes, {len(train_rows)} train / "
+        f"probe {name}: {p.probe.source}, {len(data.classes)} classes, {len(train_rows)} train / "
         f"{len(test_rows)} test texts, on {device}"
     )
-
-    with tracking.start_run("probe", params={"probe": p.probe.model_dump(mode="json")}) as run:
-        for name, model_dir, _ in todo:
-            t = time.perf_counter()
-            result, losses = probe.probe_model(
-                model_dir, data, train_rows, test_rows, p.probe, device, p.base.precision
-            )
-            seconds = time.perf_counter() - t
-            summary.update({f"{name}/{k}": v for k, v in result.items()})
-            summary[f"{name}/seconds"] = seconds
-            for step, loss in enumerate(losses, 1):
-                if step % FINETUNE_LOG_EVERY == 0 or step == len(losses):
-                    run.log_metrics({f"{name}/finetune_loss": loss}, step=step)
-            ft = result["finetune_acc"]
-            print(
-                f"  {name}: linear probe {result['linear_acc']:.3f}, fine-tune "
-                f"{'–' if ft is None else f'{ft:.3f}'} ({seconds:.0f} s)"
-            )
-        summary["seconds"] = time.perf_counter() - start
-        write_json(p.paths.metrics / "probe.json", summary)
-        run.log_metrics(
-            {k: v for k, v in summary.items() if isinstance(v, int | float)}
+    with tracking.start_run(
+        "probe", params={"probe": p.probe.model_dump(mode="json")}, arm=name
+    ) as run:
+        result, losses = probe.probe_model(
+            model_dir, data, train_rows, test_rows, p.probe, device, p.base.precision
         )
+        summary = {
+            **result,
+            "seconds": time.perf_counter() - start,
+            "dataset": p.probe.source,
+            "classes": ",".join(data.classes),
+            "n_classes": len(data.classes),
+            "n_train": len(train_rows),
+            "n_test": len(test_rows),
+            # The accuracy of always answering the commonest class: the floor of any probe.
+            "majority_acc": max(counts) / len(test_rows),
+        }
+        write_json(out, summary)
+        for step, loss in enumerate(losses, 1):
+            if step % FINETUNE_LOG_EVERY == 0 or step == len(losses):
+                run.log_metrics({"finetune_loss": loss}, step=step)
+        run.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+    ft = result["finetune_acc"]
+    print(
+        f"  {name}: linear probe {result['linear_acc']:.3f}, fine-tune "
+        f"{'–' if ft is None else f'{ft:.3f}'} ({summary['seconds']:.0f} s)"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    who = ap.add_mutually_exclusive_group(required=True)
+    who.add_argument("--teacher", action="store_true", help="probe the prepared teacher")
+    who.add_argument("--init", action="store_true", help="probe the initial student (the floor)")
+    who.add_argument("--arm", help="a scheme name listed in loss.arms")
+    who.add_argument("--scheme", action="store_true",
+                     help="loss.scheme, when it is not an arm (the probe_scheme stage)")
+    args = ap.parse_args(argv)
+    p = load_params()
+    if args.teacher:
+        run_stage(p, TEACHER, p.paths.teacher, "prepare_teacher", p.paths.probe / "teacher.json")
+        return
+    if args.init:
+        floor = arms.of_floor(p)
+        run_stage(p, floor.name, floor.student, "init_student", floor.probe_json)
+        return
+    with arms.writing(p, args.arm, "probe") as out:
+        if out is not None:
+            run_stage(p, out.name, out.student, out.train_stage, out.probe_json)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import math
 
 from kd import arms as kd_arms
 from kd import report, tracking
-from kd.io import atomic_dir, read_json, write_json
+from kd.io import atomic_dir, write_json
 from kd.params import load_params
 
 
@@ -18,9 +18,13 @@ def main() -> None:
         floor = report.load_arm(kd_arms.of_floor(p), None)
     headline = p.loss.scheme
     summary = report.eval_metrics(arms, headline, floor)
-    probe_json = p.paths.metrics / "probe.json"  # absent when the probe stage has not run
+    probes = {
+        "teacher": p.paths.probe / "teacher.json",
+        kd_arms.FLOOR: kd_arms.of_floor(p).probe_json,
+        **{o.name: o.probe_json for o in kd_arms.compared(p)},
+    }
     probe_keys, probe_md = report.probe_results(
-        read_json(probe_json) if probe_json.exists() else None,
+        report.read_probes(probes),
         [a.name for a in arms],
         headline,
         kd_arms.FLOOR,

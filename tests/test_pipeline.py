@@ -166,8 +166,9 @@ def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline, twin) -> None
     names = sorted(r.info.run_name for r in runs)
     # check_params only validates: it has no run of its own.
     # The scheme stages only write a note here (loss.scheme is an arm): no run either.
-    quiet = {"evaluate_init", "check_params", "train_scheme", "evaluate_scheme"}
-    expected = (stages - quiet) | {"evaluate@student_init"}
+    quiet = {"evaluate_init", "check_params", "train_scheme", "evaluate_scheme", "probe_scheme",
+             "probe_teacher", "probe_init"}
+    expected = (stages - quiet) | {"evaluate@student_init", "probe@teacher", "probe@student_init"}
     assert names == sorted(expected)
     assert {r.info.status for r in runs} == {"FINISHED"}
 
@@ -187,9 +188,9 @@ def test_scheme_only_experiment_reruns_only_report(tiny_pipeline, tmp_path) -> N
     # Besides the report, only what consumes its export (data/distilled) may rerun.
     # check_params reruns on any change of params (it is cheap and touches nothing downstream);
     # so do the scheme stages, which only note that logit is an arm.
-    cheap = {"report", "check_params", "train_scheme", "evaluate_scheme", "probe"}
+    cheap = {"report", "check_params", "train_scheme", "evaluate_scheme", "probe_scheme"}
     assert _ran(out) - cheap <= _downstream(repo, "report"), out
-    for part in ("train", "eval"):
+    for part in ("train", "eval", "probe"):
         assert not (repo.path / "data" / "scheme" / part / "student").exists()
         assert read_json(repo.path / "data" / "scheme" / part / "note.json")["scheme"] == "logit"
     result = read_json(repo.path / "data" / "metrics" / "eval.json")
@@ -246,8 +247,10 @@ def test_any_defined_scheme_runs_beside_the_arms(tiny_pipeline, tmp_path) -> Non
 
     out = repo.run("dvc", "exp", "run", "-S", "loss.scheme=minilm")
     ran = _ran(out)
-    assert {"train_scheme", "evaluate_scheme", "report"} <= ran, out
-    assert not {s for s in ran if s.startswith(("train@", "evaluate@"))}, out
+    assert {"train_scheme", "evaluate_scheme", "probe_scheme", "report"} <= ran, out
+    assert not {s for s in ran if s.startswith(("train@", "evaluate@", "probe"))} - {
+        "probe_scheme"
+    }, out
     assert {arm: _weights(repo, arm) for arm in ARMS} == before
 
     trained = repo.path / "data" / "scheme" / "train"
@@ -261,6 +264,7 @@ def test_any_defined_scheme_runs_beside_the_arms(tiny_pipeline, tmp_path) -> Non
         trained / "student" / "model.safetensors"
     ).read_bytes()
     assert "minilm" in (repo.path / "data" / "report" / "report.md").read_text()
+    assert math.isfinite(result["arms/minilm/probe_linear_acc"])
 
     # Back to an arm as the headline: the scheme stages write their note, nothing retrains.
     back = repo.run("dvc", "exp", "run", "-S", "loss.scheme=multi")

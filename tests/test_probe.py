@@ -238,22 +238,32 @@ def test_stage_scores_every_model_writes_metrics_and_tracks(
             "finetune_warmup_steps": 1,
         },
     }
+    raw["paths"]["probe"] = str(tmp_path / "probe")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
-    stage.main()
+    for args in (["--teacher"], ["--init"], ["--arm", "logit"], ["--arm", "multi"], ["--scheme"]):
+        stage.main(args)
 
-    m = read_json(tmp_path / "metrics" / "probe.json")
+    files = {n: tmp_path / "probe" / f"{n}.json" for n in ("teacher", "student_init", "logit",
+                                                          "multi")}
+    # multi is an arm: the scheme stage only notes it.
+    assert read_json(tmp_path / "scheme" / "probe" / "note.json")["same_as"] == "probe@multi"
+    m = kd_report.read_probes({**files, "missing": tmp_path / "probe" / "nope.json"})
     assert (m["n_train"], m["n_test"], m["n_classes"]) == (27, 9, 3)
     assert m["classes"] == "fruit,music,nature" and m["dataset"] == "folder"
     for name in ("teacher", "student_init", "logit", "multi"):
         assert 0.0 <= m[f"{name}/linear_acc"] <= 1.0, name
         assert 0.0 <= m[f"{name}/finetune_acc"] <= 1.0, name
         assert m[f"{name}/seconds"] > 0
+    assert not any(k.startswith("missing/") for k in m)
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    assert [r.info.run_name for r in runs] == ["probe"]
-    assert runs[0].data.metrics["multi/linear_acc"] == m["multi/linear_acc"]
-    assert "multi/finetune_loss" in runs[0].data.metrics
+    assert sorted(r.info.run_name for r in runs) == sorted(
+        ["probe@teacher", "probe@student_init", "probe@logit", "probe@multi"]
+    )
+    multi = next(r for r in runs if r.info.run_name == "probe@multi")
+    assert multi.data.metrics["linear_acc"] == m["multi/linear_acc"]
+    assert "finetune_loss" in multi.data.metrics
 
     keys, lines = kd_report.probe_results(m, ["logit", "multi"], "multi")
     assert keys["probe_linear_acc"] == keys["arms/multi/probe_linear_acc"] == m["multi/linear_acc"]
@@ -262,6 +272,7 @@ def test_stage_scores_every_model_writes_metrics_and_tracks(
     table = "\n".join(lines)
     assert "## Downstream probe" in table and "| multi (headline) |" in table
     assert kd_report.probe_results(None, ["logit", "multi"], "multi") == ({}, [])
+    assert kd_report.read_probes({"x": tmp_path / "nope.json"}) is None
 
 
 def test_stage_refuses_a_missing_model(tmp_path, monkeypatch) -> None:
@@ -274,4 +285,6 @@ def test_stage_refuses_a_missing_model(tmp_path, monkeypatch) -> None:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="teacher is missing: run prepare_teacher first"):
-        stage.main()
+        stage.main(["--teacher"])
+    with pytest.raises(SystemExit, match="multi is missing: run train@multi first"):
+        stage.main(["--arm", "multi"])
