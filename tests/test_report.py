@@ -129,7 +129,9 @@ def arms(tmp_path, logit: tuple, multi: tuple) -> list[report.Arm]:
     plots.mkdir(exist_ok=True)
     write_arm(metrics, plots, "logit", *logit, multi=False)
     write_arm(metrics, plots, "multi", *multi, multi=True)
-    p = SimpleNamespace(paths=SimpleNamespace(metrics=metrics, plots=plots, students=tmp_path))
+    p = SimpleNamespace(
+        paths=SimpleNamespace(metrics=metrics, plots=plots, students=tmp_path, probe=tmp_path)
+    )
     return [
         report.load_arm(kd_arms.of_arm(p, "logit"), LOGIT),
         report.load_arm(kd_arms.of_arm(p, "multi"), MULTI),
