@@ -39,14 +39,14 @@ import math
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from scipy import stats
 
 from kd.io import atomic_file, write_json
 from kd.report import CLAIMS, fmt
-from kd.tracking import flatten, repo_root, start_run
+from kd.tracking import EXPERIMENT, flatten, repo_root, start_run, tracking_uri
 
 SEED_KEY = "base.seed"
 LEVEL = 0.95
@@ -133,12 +133,48 @@ def parse_rows(tree) -> list[Row]:
 
 
 def exp_show(cwd: Path | None = None) -> list:
-    """``dvc exp show --json`` in the repository root, through this interpreter's DVC."""
-    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
+    """``dvc exp show --json --all-commits`` in the repository root, through this interpreter's
+    DVC. Every commit's experiments, not only HEAD's: a seed queued before a commit that left
+    the params alone (a README edit, say) is still a run of this experiment, and the params
+    comparison below decides which rows belong."""
+    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json", "--all-commits"]
     out = subprocess.run(cmd, cwd=cwd or repo_root(), capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"`dvc exp show --json` failed ({out.returncode}):\n{out.stderr}")
     return json.loads(out.stdout)
+
+
+def with_mlflow_metrics(rows: Sequence[Row], uri: str | None = None) -> list[Row]:
+    """Rows whose eval.json is missing, completed from their `report` stage's MLflow run.
+
+    A queued experiment's commit holds its params and dvc.lock but not its metrics: ``data/`` is
+    git-ignored and the metrics are ``cache: false`` outputs, so ``dvc exp show`` lists the
+    experiment without numbers. Its report stage logged the same eval.json keys to MLflow,
+    tagged ``kd.dvc_exp`` with the experiment's name (kd/tracking.py); the newest such run is
+    used. Without a reachable tracking backend the rows stay as they are.
+    """
+    missing = {r.name for r in rows if r.metrics is None and r.name and r.error is None}
+    if not missing:
+        return list(rows)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri or tracking_uri())
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        runs = client.search_runs(
+            [exp.experiment_id], "tags.`kd.stage` = 'report'",
+            order_by=["attributes.start_time DESC"],
+        ) if exp else []
+    except Exception as err:  # noqa: BLE001 - any backend failure leaves the rows as they were
+        print(f"MLflow unreachable ({err}); experiments without eval.json stay without numbers")
+        return list(rows)
+    found: dict[str, dict] = {}
+    for run in runs:
+        name = run.data.tags.get("kd.dvc_exp")
+        if name in missing and name not in found and run.info.status == "FINISHED":
+            found[name] = dict(run.data.metrics)
+    return [replace(r, metrics=found[r.name]) if r.metrics is None and r.name in found else r
+            for r in rows]
 
 
 # --- which rows count ------------------------------------------------------------------------
@@ -449,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     tree = json.loads(args.json.read_text()) if args.json else exp_show()
-    selection = select(parse_rows(tree))
+    selection = select(with_mlflow_metrics(parse_rows(tree)))
     for note in selection.notes:
         print(note)
     result = aggregate(selection)

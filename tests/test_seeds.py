@@ -197,3 +197,28 @@ def test_exp_show_runs_dvc_in_a_repo(git_dvc_repo):
     rows = seeds.parse_rows(seeds.exp_show(git_dvc_repo.path))
     assert [r.rev for r in rows][0] == "workspace"
     assert all(r.seed == 0 for r in rows)
+
+
+def test_experiments_without_eval_json_take_their_report_runs_metrics(tmp_path) -> None:
+    """A queued experiment's commit lacks eval.json (data/ is git-ignored, the metrics are
+    cache: false): its numbers come from its report run in MLflow, tagged with its name."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment(seeds.EXPERIMENT)
+    for name, value, status in [("bold-seed", 2.5, "FINISHED"), ("dead-seed", 9.9, "FAILED")]:
+        run = client.create_run(exp_id, tags={"kd.stage": "report", "kd.dvc_exp": name})
+        client.log_metric(run.info.run_id, "arms/logit/test/logit_kl_t1", value)
+        client.set_terminated(run.info.run_id, status)
+    rows = [
+        Row("workspace", None, None, None, None, {"base.seed": 0}, {"k": 1.0}),
+        Row("a1", "bold-seed", None, None, "success", {"base.seed": 1}, None),
+        Row("a2", "dead-seed", None, None, "success", {"base.seed": 2}, None),
+    ]
+    filled = seeds.with_mlflow_metrics(rows, uri)
+    assert filled[0].metrics == {"k": 1.0}  # rows with metrics are left alone
+    assert filled[1].metrics == {"arms/logit/test/logit_kl_t1": 2.5}
+    assert filled[2].metrics is None  # only a finished report run counts
+    # No backend: the rows come back unchanged.
+    assert seeds.with_mlflow_metrics(rows, f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}") == rows
