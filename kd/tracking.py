@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -125,7 +126,7 @@ class Run:
         return not self._dead
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        clean = {metric_key(k): float(v) for k, v in metrics.items() if v is not None}
         self._call("log_metrics", clean, step=step)
 
     def log_params(self, params: Mapping[str, object]) -> None:
@@ -140,6 +141,17 @@ class Run:
 
     def log_artifacts(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._call("log_artifacts", str(path), artifact_path)
+
+
+# MLflow accepts only these characters in a metric name; one outside them fails the whole
+# batch, and the run's later metrics with it. Our keys (CSV columns, JSON keys) may use others,
+# e.g. "attr/cos/hidden~logit" (kd/attribution.py).
+_BAD_KEY_CHARS = re.compile(r"[^\w\-./ :]")
+
+
+def metric_key(key: str) -> str:
+    """``key`` as MLflow accepts it: any character MLflow rejects becomes "-"."""
+    return _BAD_KEY_CHARS.sub("-", key)
 
 
 def _open(stage: str, arm: str | None, tags: Mapping[str, object], run_id: str | None):

@@ -121,3 +121,20 @@ def test_stepper_attributes_only_on_its_steps() -> None:
     cfg = Train(batch_size=4, max_steps=10, log_every=5, attribution_every=5)
     s = Stepper(d, teacher, cfg, 10, "fp32", torch.device("cpu"))
     assert [k for k in range(10) if s.attributes(k)] == [4, 9]
+
+
+def test_attribution_keys_reach_mlflow(ds, tmp_path) -> None:  # noqa: F811
+    """Every key a training step logs is a valid MLflow metric name once kd.tracking has it: one
+    invalid name (e.g. the "~" of a cosine's pair) fails the whole batch and the run's later
+    metrics with it."""
+    from mlflow.utils.validation import _validate_metric_name
+
+    from kd.tracking import metric_key
+
+    _, _, run = run_train(ds, tmp_path, max_steps=4, attribution_every=2)
+    keys = {k for _, m in run.logged for k in m}
+    assert any("/cos/" in k for k in keys)
+    for key in keys:
+        _validate_metric_name(metric_key(key))
+    assert metric_key("attr/cos/hidden~logit") == "attr/cos/hidden-logit"
+    assert metric_key("grad_norm/layer_0") == "grad_norm/layer_0"
