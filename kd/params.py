@@ -325,6 +325,7 @@ class Quantize(Strict):
     latency_seq_length: PositiveInt = 128
     warmup_batches: NonNegInt = 3
     latency_batches: PositiveInt = 20
+    probe: bool = True  # also the linear probe (probe: section) of fp32 and int8
 
 
 class Params(Strict):

@@ -21,7 +21,11 @@ Measured for the fp32 student and its quantized copy, on the same inputs:
                            ``latency_seq_length`` tokens, after ``warmup_batches`` untimed ones;
                            latency_ms_per_seq/b<n> divides it by n
 and for the quantized copy against fp32: kl_to_fp32 (KL(p_fp32 ‖ p_int8), T = 1) and
-agreement_with_fp32, at the same positions.
+agreement_with_fp32, at the same positions. With ``quantize.probe`` on, also
+  probe_linear_acc         kd.probe's linear probe (its data, split and classifier) on each
+                           model's frozen features, both computed here on the CPU in fp32, so the
+                           two differ only by the int8 weights (the probe stage's own number ran
+                           under ``base.precision`` and may differ from this fp32 one slightly)
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ import torch
 from datasets import Dataset
 from torch import Tensor, nn
 
+from kd import probe
 from kd.distill import base_model, mlm_head
 from kd.evaluate import fixed_batches, logit_metrics, summarize
 from kd.masking import IGNORE
-from kd.params import Quantize
+from kd.params import Probe, Quantize
 
 DTYPES = {"qint8": torch.qint8}
 FP32, QUANT = "fp32", "int8"
@@ -145,6 +150,28 @@ def latency_ms(model: nn.Module, inputs: dict[str, Tensor], warmup: int, repeats
     return 1000 * statistics.median(times)
 
 
+def probe_accuracy(models: dict[str, nn.Module], tokenizer, cfg: Probe) -> dict[str, float]:
+    """``<name>/probe_linear_acc`` per model: kd.probe's linear probe on its frozen features.
+
+    The texts, split and classifier are the probe stage's (``cfg``); features run on the CPU in
+    fp32 for every model, because the int8 kernels are CPU-only and fp32 is the like-for-like
+    baseline. A quantized encoder cannot be fine-tuned, so the fine-tune is not repeated.
+    """
+    data = probe.load(cfg)
+    train_rows, test_rows = probe.split(data.labels, cfg.test_fraction, cfg.seed)
+    ids = probe.tokenize(tokenizer, data.texts, cfg.max_seq_length)
+    pad_id = tokenizer.pad_token_id or 0  # masked out anyway
+    y = data.labels
+    out = {}
+    for name, model in models.items():
+        x = probe.features(base_model(model), ids, pad_id, cfg.batch_size, torch.device("cpu"))
+        out[f"{name}/probe_linear_acc"] = probe.linear_probe(
+            x[train_rows], y[train_rows], x[test_rows], y[test_rows], cfg.linear_c,
+            cfg.linear_max_iter,
+        )
+    return out
+
+
 @dataclass
 class Result:
     metrics: dict[str, float | int | str] = field(default_factory=dict)
@@ -157,10 +184,16 @@ def model_file(cfg: Quantize) -> str:
 
 
 def run(
-    teacher: nn.Module, student: nn.Module, test: Dataset, cfg: Quantize, out_dir: Path
+    teacher: nn.Module,
+    student: nn.Module,
+    test: Dataset,
+    cfg: Quantize,
+    out_dir: Path,
+    probe_with: tuple[object, Probe] | None = None,
 ) -> Result:
     """Quantize ``student``, save its state_dict in ``out_dir`` and measure both versions (see
-    the module docstring); CPU only."""
+    the module docstring); CPU only. ``probe_with`` = (the student's tokenizer, the probe's
+    params) adds the linear probe's accuracy of both."""
     teacher, student = teacher.to("cpu").eval(), student.to("cpu").eval()
     quantized = quantize_dynamic(student, cfg.dtype)
     models = {FP32: student, QUANT: quantized}
@@ -188,6 +221,8 @@ def run(
             out[f"{name}/latency_ms/b{n}"] = ms
             out[f"{name}/latency_ms_per_seq/b{n}"] = ms / n
         out[f"speedup/b{n}"] = out[f"{FP32}/latency_ms/b{n}"] / out[f"{QUANT}/latency_ms/b{n}"]
+    if probe_with is not None:
+        out.update(probe_accuracy(models, *probe_with))
     return Result(metrics=out, rows=rows, quantized=quantized)
 
 
@@ -219,6 +254,8 @@ def markdown(m: dict, cfg: Quantize, threads: int) -> str:
     ]
     for n in cfg.latency_batch_sizes:
         lines.append(row(f"latency per sequence, batch {n} (ms)", f"latency_ms_per_seq/b{n}", ".2f"))
+    if f"{QUANT}/probe_linear_acc" in m:
+        lines.append(row("linear probe accuracy (CPU, fp32 features)", "probe_linear_acc", ".3f"))
     speedups = ", ".join(f"{m[f'speedup/b{n}']:.2f}× at batch {n}" for n in cfg.latency_batch_sizes)
     lines += [
         "",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import AutoModelForMaskedLM
+from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from kd import quantize, tokens, tracking
 from kd.io import atomic_dir, write_json
@@ -27,7 +27,10 @@ def main() -> None:
         "quantize", params={"quantize": cfg.model_dump(), "loss.scheme": p.loss.scheme}
     ) as run:
         with atomic_dir(out_dir) as tmp:
-            metrics = quantize.run(teacher, student, test, cfg, tmp).metrics
+            probe_with = None
+            if cfg.probe:
+                probe_with = (AutoTokenizer.from_pretrained(p.paths.distilled), p.probe)
+            metrics = quantize.run(teacher, student, test, cfg, tmp, probe_with).metrics
             (tmp / "quantize.md").write_text(
                 quantize.markdown(metrics, cfg, torch.get_num_threads())
             )
@@ -41,13 +44,18 @@ def main() -> None:
         )
         run.log_artifact(out_dir / "quantize.md", "quantize")
     q = quantize.QUANT
+    probed = ""
+    if cfg.probe:
+        probed = (
+            f", linear probe {metrics['fp32/probe_linear_acc']:.3f} -> "
+            f"{metrics[f'{q}/probe_linear_acc']:.3f}"
+        )
     print(
         f"{cfg.dtype}: size {metrics['size_ratio']:.0%} of fp32, logit KL "
         f"{metrics['fp32/logit_kl_t1']:.4f} -> {metrics[f'{q}/logit_kl_t1']:.4f}, top-1 "
-        f"{metrics['fp32/mlm_top1']:.3f} -> {metrics[f'{q}/mlm_top1']:.3f}; "
+        f"{metrics['fp32/mlm_top1']:.3f} -> {metrics[f'{q}/mlm_top1']:.3f}{probed}; "
         f"report in {out_dir / 'quantize.md'}"
     )
-
 
 if __name__ == "__main__":
     main()

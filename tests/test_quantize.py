@@ -10,7 +10,7 @@ import torch
 import yaml
 from datasets import Dataset, DatasetDict
 from mlflow.tracking import MlflowClient
-from tiny import tiny_bert
+from tiny import tiny_bert, topic_folder
 from torch import nn
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
@@ -126,9 +126,7 @@ def test_quantize_params_validate() -> None:
         Quantize(latency_batch_sizes=[])
 
 
-def test_stage_writes_metrics_report_and_model(tmp_path, monkeypatch) -> None:
-    from stages import quantize as stage
-
+def _stage_params(tmp_path, probe: dict | None = None) -> dict:
     paths = {
         k: str(tmp_path / k) for k in ("tokens", "teacher", "distilled", "metrics", "quantize")
     }
@@ -140,9 +138,18 @@ def test_stage_writes_metrics_report_and_model(tmp_path, monkeypatch) -> None:
             "arms": ["logit"],
             "schemes": {"logit": {"terms": {"logit": 1.0}}},
         },
-        "quantize": SMALL,
+        "quantize": {**SMALL, "probe": probe is not None},
     }
+    if probe is not None:
+        raw["probe"] = probe
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    return paths
+
+
+def test_stage_writes_metrics_report_and_model(tmp_path, monkeypatch) -> None:
+    from stages import quantize as stage
+
+    paths = _stage_params(tmp_path)
     DatasetDict({"train": toy_split(4, seed=1), "test": toy_split()}).save_to_disk(paths["tokens"])
     tiny(32, seed=1).save_pretrained(paths["teacher"])
     student = tiny(seed=2)
@@ -166,3 +173,44 @@ def test_stage_writes_metrics_report_and_model(tmp_path, monkeypatch) -> None:
     (run,) = client.search_runs([exp.experiment_id])
     assert run.data.tags["kd.stage"] == "quantize"
     assert run.data.metrics["size_ratio"] == pytest.approx(m["size_ratio"])
+
+
+def test_stage_probes_fp32_and_int8_on_the_probe_stage_split(
+    tmp_path, monkeypatch, default_tokenizer
+) -> None:
+    """With quantize.probe on, both models get kd.probe's linear probe on the same texts, and
+    the number for fp32 is exactly what kd.probe computes for the exported student on the CPU."""
+    from kd import probe
+    from kd.params import Probe
+    from stages import quantize as stage
+
+    vocab = default_tokenizer.vocab_size  # real words: the toy topics must tokenize
+    cfg = {
+        "source": "folder",
+        "folder": str(topic_folder(tmp_path / "topics", per_class=12)),
+        "test_fraction": 0.25,
+        "max_seq_length": 32,
+        "batch_size": 8,
+    }
+    paths = _stage_params(tmp_path, cfg)
+    DatasetDict({"train": toy_split(4, seed=1), "test": toy_split()}).save_to_disk(paths["tokens"])
+    tiny_bert(32, 2, 1, vocab, max_position_embeddings=SEQ).save_pretrained(paths["teacher"])
+    tiny_bert(24, 2, 2, vocab, max_position_embeddings=SEQ).save_pretrained(paths["distilled"])
+    default_tokenizer.save_pretrained(paths["distilled"])
+    monkeypatch.chdir(tmp_path)
+    stage.main()
+
+    m = read_json(tmp_path / "metrics" / "quantize.json")
+    assert 0.0 <= m["int8/probe_linear_acc"] <= 1.0
+    assert "| linear probe accuracy" in (tmp_path / "quantize" / "quantize.md").read_text()
+    # The fp32 number is kd.probe's own linear probe of the exported student (CPU, fp32).
+    data = probe.load(Probe(**cfg))
+    train, test = probe.split(data.labels, 0.25, 0)
+    model, tok = probe.load_encoder(tmp_path / "distilled")
+    x = probe.features(model, probe.tokenize(tok, data.texts, 32), tok.pad_token_id, 8,
+                       torch.device("cpu"))
+    y = data.labels
+    expected = probe.linear_probe(x[train], y[train], x[test], y[test], 1.0, 1000)
+    assert m["fp32/probe_linear_acc"] == pytest.approx(expected)
+    # int8 weights move each feature by ~1 %: at most one of the 9 held-out texts may flip.
+    assert abs(m["int8/probe_linear_acc"] - m["fp32/probe_linear_acc"]) <= 1 / 9 + 1e-9
