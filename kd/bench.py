@@ -16,6 +16,9 @@ matter on a shared machine:
                  ``train_on_batch``, backward, clip, AdamW); the exception if it cannot run
   project_fp32   this project's step (kd/distill.py), fp32
   project_bf16   the same under bf16 autocast
+  project_bf16_sdpa   the same with the student on the fused SDPA kernel, where ``base.attention``
+                 picks another one (on the CPU, eager: kd/runtime.py says why), so the lever's
+                 effect is measured in the same run
 
 Before timing, every row computes its terms on the same batch from the same initial weights with
 dropout off, and each term must agree with the naive row's (tight in fp32, loose in bf16). Then it
@@ -56,10 +59,10 @@ from kd.distill import Distiller, logit_positions
 from kd.masking import mask_tokens
 from kd.optim import param_groups
 from kd.params import Scheme, Train
-from kd.runtime import bf16_supported
+from kd.runtime import attention_implementation, bf16_supported
 from kd.train import Stepper
 
-ROWS = ("naive", "textbrewer", "project_fp32", "project_bf16")
+ROWS = ("naive", "textbrewer", "project_fp32", "project_bf16", "project_bf16_sdpa")
 REFERENCE = "naive"  # the row every other row's terms are checked against
 
 
@@ -77,6 +80,7 @@ class BenchConfig:
     n_batches: int = 4  # distinct batches cycled through: fresh masks, as in training
     seed: int = 0
     precision: str = "bf16"  # the project's default precision: the sweep and the profile use it
+    attention: str = "auto"  # base.attention: the student's attention kernel in the project rows
     lr: float = 5e-4
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
@@ -300,10 +304,13 @@ def _train_cfg(cfg: BenchConfig, batch_size: int) -> Train:
                  max_grad_norm=cfg.max_grad_norm, warmup_steps=2)
 
 
-def project_row(start, scheme, precision, cfg, device, batch_size) -> Stepper:
-    """This project's step: exactly kd/train.py's Stepper, as the training stage runs it."""
+def project_row(start, scheme, precision, cfg, device, batch_size,
+                attention: str | None = None) -> Stepper:
+    """This project's step: exactly kd/train.py's Stepper, as the training stage runs it
+    (``attention`` overrides ``cfg.attention``)."""
     d = _fresh(start, scheme, eager=False)
-    return Stepper(d, start.teacher, _train_cfg(cfg, batch_size), 10**6, precision, device)
+    return Stepper(d, start.teacher, _train_cfg(cfg, batch_size), 10**6, precision, device,
+                   attention=attention or cfg.attention)
 
 
 def naive_row(start, scheme, cfg, device, batch_size) -> Stepper:
@@ -574,9 +581,12 @@ def _arm(start, scheme, shape, cfg, device, peaks, log) -> dict:
         "textbrewer": lambda: TextBrewerStep(start, scheme, cfg, device),
         "project_fp32": lambda: project_row(start, scheme, "fp32", cfg, device, shape.batch_size),
         "project_bf16": lambda: project_row(start, scheme, "bf16", cfg, device, shape.batch_size),
+        "project_bf16_sdpa": lambda: project_row(
+            start, scheme, "bf16", cfg, device, shape.batch_size, attention="sdpa"
+        ),
     }
     precisions = {"naive": "fp32", "textbrewer": "fp32", "project_fp32": "fp32",
-                  "project_bf16": "bf16"}
+                  "project_bf16": "bf16", "project_bf16_sdpa": "bf16"}
     rows: dict[str, dict] = {}
     terms: dict[str, dict[str, float]] = {}
     for name, build in builders.items():
@@ -585,8 +595,11 @@ def _arm(start, scheme, shape, cfg, device, peaks, log) -> dict:
         if name == "textbrewer" and not cfg.textbrewer:
             row.update(status="skipped", error="disabled (--no-textbrewer)")
             continue
-        if name == "project_bf16" and not bf16_supported(device):
+        if name.startswith("project_bf16") and not bf16_supported(device):
             row.update(status="skipped", error=f"bf16 is not faster than fp32 on {device}")
+            continue
+        if name == "project_bf16_sdpa" and attention_implementation(cfg.attention, device) == "sdpa":
+            row.update(status="skipped", error="project_bf16 already runs the SDPA kernel")
             continue
         runner = None
         try:
@@ -743,6 +756,8 @@ def run_benchmark(
         },
         "config": {**asdict(cfg), "shape": asdict(shape)},
         "models": {"teacher": _model_info(teacher), "student": _model_info(student)},
+        # the kernel the project rows train the student with (base.attention on this device)
+        "student_attention": attention_implementation(cfg.attention, device),
         "peak_gflops": {**peaks, "matmul_n": cfg.matmul_n},
         "textbrewer": {k: tb.get(k) for k in ("status", "version", "error")},
         "arms": arms,
@@ -766,18 +781,18 @@ def run_benchmark(
 
 def format_table(result: dict) -> str:
     lines = []
-    head = (f"{'arm':<6} {'row':<13} {'prec':<4} {'step ms':>8} {'seq/s':>7} {'tok/s':>8} "
+    head = (f"{'arm':<6} {'row':<17} {'prec':<4} {'step ms':>8} {'seq/s':>7} {'tok/s':>8} "
             f"{'×naive':>6} {'GFLOP':>7} {'GFLOP/s':>8} {'MFU':>6} {'peakMiB':>8} {'agree':>5}")
     lines += [head, "-" * len(head)]
     for arm, a in result["arms"].items():
         for name, r in a["rows"].items():
             if r.get("status") != "ok":
-                lines.append(f"{arm:<6} {name:<13} {r['precision']:<4} "
+                lines.append(f"{arm:<6} {name:<17} {r['precision']:<4} "
                              f"{r.get('status', '?')}: {r.get('error', '')[:90]}")
                 continue
             ag = r.get("agreement", {})
             lines.append(
-                f"{arm:<6} {name:<13} {r['precision']:<4} {r['step_s'] * 1e3:8.1f} "
+                f"{arm:<6} {name:<17} {r['precision']:<4} {r['step_s'] * 1e3:8.1f} "
                 f"{r['sequences_per_s']:7.2f} {r['tokens_per_s']:8.0f} "
                 f"{r.get('speedup_vs_naive', float('nan')):6.2f} "
                 f"{r['flops_per_step'] / 1e9:7.1f} {r['achieved_gflops']:8.1f} "
@@ -791,7 +806,7 @@ def format_table(result: dict) -> str:
                 vals = "  ".join(f"{k}={v:.6g}" for k, v in r["terms"].items())
                 ag = r.get("agreement", {})
                 flag = "" if ag.get("ok", True) else f"   <-- DISAGREES: {ag['disagree']}"
-                lines.append(f"  {arm:<6} {name:<13} {vals}  "
+                lines.append(f"  {arm:<6} {name:<17} {vals}  "
                              f"(max rel diff {ag.get('max_rel_diff', 0):.1e}){flag}")
     return "\n".join(lines)
 
@@ -873,6 +888,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if params.base.device != "cpu" and torch.cuda.is_available()
                           else "cpu")
     cfg = BenchConfig(seed=params.base.seed, precision=args.precision or params.base.precision,
+                      attention=params.base.attention,
                       lr=params.train.lr, weight_decay=params.train.weight_decay,
                       max_grad_norm=params.train.max_grad_norm)
     shape = Shape(params.train.batch_size, params.tokenize.max_seq_length,

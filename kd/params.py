@@ -45,6 +45,7 @@ class Base(Strict):
     seed: NonNegInt = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["bf16", "fp32"] = "bf16"
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
     threads: NonNegInt = 0
     nproc: PositiveInt = 1
 

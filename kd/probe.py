@@ -26,7 +26,7 @@ from torch import nn
 
 from kd import optim
 from kd.params import Probe
-from kd.runtime import autocast
+from kd.runtime import autocast, use_training_attention
 
 
 @dataclass(frozen=True)
@@ -287,6 +287,7 @@ def finetune(
     cfg: Probe,
     device: torch.device,
     precision: str = "fp32",
+    attention: str = "auto",
 ) -> Finetuned:
     """Held-out accuracy after ``cfg.finetune_steps`` AdamW steps on encoder + new head.
 
@@ -307,6 +308,7 @@ def finetune(
     )
     _check_loaded(info, model_dir, ("pooler.", "classifier.", "score."))
     model.to(device).train()
+    use_training_attention(model, attention, device)
     opt = optim.adamw(model, cfg.finetune_lr, cfg.finetune_weight_decay)
     sched = get_linear_schedule_with_warmup(opt, cfg.finetune_warmup_steps, cfg.finetune_steps)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -350,6 +352,7 @@ def probe_model(
     cfg: Probe,
     device: torch.device,
     precision: str = "fp32",
+    attention: str = "auto",
 ) -> tuple[dict[str, float | None], list[float]]:
     """One model's linear-probe and fine-tune accuracies (None when ``finetune_steps`` is 0),
     and the fine-tune's loss per step."""
@@ -385,6 +388,7 @@ def probe_model(
             cfg,
             device,
             precision,
+            attention,
         )
         result["finetune_acc"], losses = tuned.accuracy, tuned.losses
     return result, losses

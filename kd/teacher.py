@@ -157,6 +157,7 @@ def adapt(
         )
     vocab_size = model.config.vocab_size
     model.to(device)
+    runtime.use_training_attention(model, base.attention, device)
     model.eval()  # dropout off; see the docstring
     optimizer = optim.adamw(model, cfg.lr, cfg.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, steps), steps)

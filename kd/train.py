@@ -28,7 +28,7 @@ from kd.distill import Distiller
 from kd.gradnorm import grad_norms, layer_groups
 from kd.masking import mask_tokens
 from kd.params import Train
-from kd.runtime import autocast
+from kd.runtime import autocast, use_training_attention
 
 
 class NonFiniteLoss(SystemExit):
@@ -128,10 +128,14 @@ class Stepper:
 
     def __init__(self, distiller: Distiller, teacher: nn.Module, cfg: Train, n_steps: int,
                  precision: str, device: torch.device, dist: Dist = SINGLE,
-                 forward: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None):
-        # ``forward`` replaces the distiller's own forward (the benchmark's naive row uses it).
+                 forward: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                 attention: str = "auto"):
+        # ``forward`` replaces the distiller's own forward (the benchmark's naive row uses it,
+        # with its own eager models); ``attention`` is base.attention, for the student only.
         self.distiller, self.teacher, self.cfg = distiller, teacher, cfg
         self.precision, self.device, self.dist = precision, device, dist
+        if forward is None:
+            use_training_attention(distiller.student, attention, device)
         distiller.to(device).train()
         teacher.to(device).eval()
         self.opt = optim.adamw(distiller, cfg.lr, cfg.weight_decay)
@@ -235,6 +239,7 @@ def train(
     precision: str,
     device: torch.device,
     masking: Masking,
+    attention: str = "auto",
     run,
     ckpt_dir,
     fingerprint: str,
@@ -242,7 +247,8 @@ def train(
     dist: Dist = SINGLE,
 ) -> Result:
     n_steps = total_steps(cfg, len(ds))
-    stepper = Stepper(distiller, teacher, cfg, n_steps, precision, device, dist)
+    stepper = Stepper(distiller, teacher, cfg, n_steps, precision, device, dist,
+                      attention=attention)
     result = Result()
     sums: dict[str, float] = {}
     start, elapsed, tokens = 0, 0.0, 0

@@ -37,7 +37,8 @@ def run_stage(p: Params, name: str, model_dir: Path, stage: str, out: Path) -> N
         "probe", params={"probe": p.probe.model_dump(mode="json")}, arm=name
     ) as run:
         result, losses = probe.probe_model(
-            model_dir, data, train_rows, test_rows, p.probe, device, p.base.precision
+            model_dir, data, train_rows, test_rows, p.probe, device, p.base.precision,
+            p.base.attention,
         )
         summary = {
             **result,

@@ -56,6 +56,7 @@ def run_stage(p, out: arms.Outputs) -> None:
         p.train.model_dump(),
         p.base.seed,
         p.base.precision,
+        p.base.attention,
         init_hash,
         checkpoint.file_digest(p.paths.teacher / "model.safetensors"),
         checkpoint.file_digest(p.paths.tokens / "train" / "dataset_info.json"),
@@ -77,6 +78,7 @@ def run_stage(p, out: arms.Outputs) -> None:
             p.train,
             seed=p.base.seed,
             precision=p.base.precision,
+            attention=p.base.attention,
             device=device,
             masking=Masking(
                 p.train.masking, tok.mask_token_id, len(tok), p.tokenize.mlm_probability

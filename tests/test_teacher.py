@@ -115,6 +115,7 @@ def test_adapt_overfits_one_batch(bare_dir, token_dd, tokenizer) -> None:
     assert set(run.rows[0][1]) == {"adapt.loss", "adapt.lr", "adapt.grad_norm"}
     assert run.rows[-1][1]["adapt.lr"] == pytest.approx(0.0)  # linear decay ends at 0
     assert teacher.decoder_is_tied(model)
+    assert model.config._attn_implementation == "eager"  # base.attention auto, on the CPU
 
 
 def test_adapt_is_seeded(bare_dir, token_dd, tokenizer) -> None:

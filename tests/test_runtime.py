@@ -1,0 +1,68 @@
+"""base.attention: which attention kernel trains a model, and that switching it changes only the
+kernel — the same loss and gradients, up to float summation order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_bert
+
+from kd.distill import Distiller
+from kd.params import Base, ParamsError, Scheme, Train, parse_params
+from kd.runtime import attention_implementation, use_training_attention
+from kd.train import Stepper
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+VOCAB = 50
+
+
+def test_auto_is_eager_on_cpu_and_sdpa_on_gpu_and_a_choice_is_kept() -> None:
+    assert attention_implementation("auto", CPU) == "eager"
+    assert attention_implementation("auto", CUDA) == "sdpa"
+    for choice in ("sdpa", "eager"):
+        assert attention_implementation(choice, CPU) == choice
+        assert attention_implementation(choice, CUDA) == choice
+
+
+def test_an_unknown_kernel_is_a_params_error_naming_the_key() -> None:
+    with pytest.raises(ParamsError, match="base.attention"):
+        parse_params({"base": {"attention": "flash"}, "loss": {"scheme": "logit", "arms": ["logit"],
+                      "schemes": {"logit": {"terms": {"logit": 1.0}}}}})
+    assert Base().attention == "auto"
+
+
+def _loss_and_grads(model, ids, mask):
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.grad is not None}
+
+
+def test_switching_the_kernel_keeps_the_loss_and_gradients() -> None:
+    model = tiny_bert(32, 2, 0, VOCAB, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, VOCAB, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # padding must be masked the same way by both kernels
+    use_training_attention(model, "sdpa", CPU)
+    assert model.config._attn_implementation == "sdpa"
+    loss_sdpa, grads_sdpa = _loss_and_grads(model, ids, mask)
+    use_training_attention(model, "auto", CPU)
+    assert model.config._attn_implementation == "eager"
+    loss_eager, grads_eager = _loss_and_grads(model, ids, mask)
+    torch.testing.assert_close(loss_eager, loss_sdpa, rtol=1e-5, atol=1e-6)
+    assert grads_eager.keys() == grads_sdpa.keys()
+    for name, grad in grads_eager.items():
+        torch.testing.assert_close(grad, grads_sdpa[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_stepper_trains_the_student_on_the_chosen_kernel_and_leaves_the_teacher() -> None:
+    scheme = Scheme(terms={"hidden": 1.0, "attention": 1.0, "logit": 1.0})
+    for choice, expected in (("auto", "eager"), ("sdpa", "sdpa")):
+        teacher, student = tiny_bert(24, 2, 1, VOCAB), tiny_bert(16, 2, 2, VOCAB)
+        Stepper(Distiller(student, teacher, scheme), teacher, Train(batch_size=2), 4, "fp32",
+                CPU, attention=choice)
+        assert student.config._attn_implementation == expected
+        assert teacher.config._attn_implementation == "sdpa"  # forward only: left as loaded
