@@ -60,7 +60,7 @@ from kd.masking import mask_tokens
 from kd.optim import param_groups
 from kd.params import Scheme, Train
 from kd.runtime import attention_implementation, bf16_supported
-from kd.train import Stepper
+from kd.train import Stepper, set_dropout
 
 ROWS = ("naive", "textbrewer", "project_fp32", "project_bf16", "project_bf16_sdpa")
 REFERENCE = "naive"  # the row every other row's terms are checked against
@@ -81,6 +81,7 @@ class BenchConfig:
     seed: int = 0
     precision: str = "bf16"  # the project's default precision: the sweep and the profile use it
     attention: str = "auto"  # base.attention: the student's attention kernel in the project rows
+    dropout: float | None = None  # train.dropout: the student's dropout in every row
     lr: float = 5e-4
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
@@ -301,7 +302,7 @@ def _fresh(start: Start, scheme: Scheme, eager: bool) -> Distiller:
 
 def _train_cfg(cfg: BenchConfig, batch_size: int) -> Train:
     return Train(batch_size=batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                 max_grad_norm=cfg.max_grad_norm, warmup_steps=2)
+                 max_grad_norm=cfg.max_grad_norm, warmup_steps=2, dropout=cfg.dropout)
 
 
 def project_row(start, scheme, precision, cfg, device, batch_size,
@@ -396,6 +397,8 @@ class TextBrewerStep:
         if "attention" in self.terms_w and scheme.attention_target != "probs":
             raise ValueError("TextBrewer matches the attention maps HF returns (probabilities)")
         student = eager_copy(start.student).train()
+        if cfg.dropout is not None:
+            set_dropout(student, cfg.dropout)  # as the other rows' Stepper does
         self.teacher = start.teacher_eager.eval()
         self.layer_map = Distiller(student, self.teacher, scheme).layer_map
         self.matches = textbrewer_matches(
@@ -888,7 +891,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if params.base.device != "cpu" and torch.cuda.is_available()
                           else "cpu")
     cfg = BenchConfig(seed=params.base.seed, precision=args.precision or params.base.precision,
-                      attention=params.base.attention,
+                      attention=params.base.attention, dropout=params.train.dropout,
                       lr=params.train.lr, weight_decay=params.train.weight_decay,
                       max_grad_norm=params.train.max_grad_norm)
     shape = Shape(params.train.batch_size, params.tokenize.max_seq_length,

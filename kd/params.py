@@ -148,6 +148,7 @@ class Train(Strict):
     warmup_steps: NonNegInt = 30
     weight_decay: Annotated[float, Field(ge=0)] = 0.01
     max_grad_norm: PositiveFloat = 1.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
     masking: Literal["dynamic", "static"] = "dynamic"
     log_every: PositiveInt = 10
     checkpoint_every: PositiveInt = 100

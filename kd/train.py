@@ -118,6 +118,20 @@ class Result:
     summary: dict[str, float] = field(default_factory=dict)
 
 
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Set every ``nn.Dropout`` of ``model`` to probability ``p``; returns how many there are.
+
+    BERT's dropouts (embeddings, attention probabilities, each sublayer's output) are all
+    ``nn.Dropout`` modules, and its attention functions read their ``p``, so this covers every
+    one. Only the modules change: the model's saved config keeps its own rates, so a student
+    fine-tuned later gets the dropout its architecture defines.
+    """
+    modules = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    for m in modules:
+        m.p = p
+    return len(modules)
+
+
 class Stepper:
     """One optimisation step of an arm: forward, backward, gradient norms, clip, AdamW, schedule.
 
@@ -136,6 +150,8 @@ class Stepper:
         self.precision, self.device, self.dist = precision, device, dist
         if forward is None:
             use_training_attention(distiller.student, attention, device)
+        if cfg.dropout is not None:
+            set_dropout(distiller.student, cfg.dropout)
         distiller.to(device).train()
         teacher.to(device).eval()
         self.opt = optim.adamw(distiller, cfg.lr, cfg.weight_decay)

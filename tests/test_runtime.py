@@ -66,3 +66,27 @@ def test_the_stepper_trains_the_student_on_the_chosen_kernel_and_leaves_the_teac
                 CPU, attention=choice)
         assert student.config._attn_implementation == expected
         assert teacher.config._attn_implementation == "sdpa"  # forward only: left as loaded
+
+
+def test_train_dropout_sets_every_dropout_of_the_student_only_and_not_its_config() -> None:
+    from kd.train import set_dropout
+
+    scheme = Scheme(terms={"logit": 1.0})
+    teacher, student = tiny_bert(24, 2, 1, VOCAB), tiny_bert(16, 2, 2, VOCAB)
+    Stepper(Distiller(student, teacher, scheme), teacher, Train(batch_size=2, dropout=0.0), 4,
+            "fp32", CPU)
+    ids = torch.randint(5, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    student.train()
+    with torch.no_grad():
+        a, b = student(input_ids=ids).logits, student(input_ids=ids).logits
+        student.eval()
+        c = student(input_ids=ids).logits
+    assert torch.equal(a, b) and torch.equal(a, c)  # no dropout left in training mode
+    assert student.config.hidden_dropout_prob == 0.1  # what save_pretrained writes is untouched
+    assert any(m.p == 0.1 for m in teacher.modules() if isinstance(m, torch.nn.Dropout))
+    assert set_dropout(student, 0.2) == 2 * 3 + 1  # per layer: attention, 2 outputs; embeddings
+    student.train()
+    with torch.no_grad():
+        assert not torch.equal(student(input_ids=ids).logits, student(input_ids=ids).logits)
+    with pytest.raises(ValueError):
+        Train(dropout=1.0)
