@@ -23,6 +23,7 @@ from pathlib import Path
 from kd.io import atomic_dir, read_json, write_json
 
 FLOOR = "student_init"  # the initial student, scored by evaluate_init
+TEACHER = "teacher"  # the teacher's name among the probed models
 NOTE = "note.json"  # what the scheme stages write when the scheme is an arm
 STAGE = {"train": "train", "eval": "evaluate", "probe": "probe"}  # part -> the arm stages' name
 
@@ -68,6 +69,11 @@ def of_floor(p) -> Outputs:
     return replace(
         out, student=p.paths.student_init, eval_stage="evaluate_init", probe_stage="probe_init"
     )
+
+
+def teacher_probe_json(p) -> Path:
+    """Where probe_teacher writes the teacher's probe results."""
+    return p.paths.probe / f"{TEACHER}.json"
 
 
 def of_scheme(

@@ -163,6 +163,13 @@ def split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarr
     return np.setdiff1d(np.arange(len(labels)), test), test
 
 
+def load_split(cfg: Probe) -> tuple[Labelled, np.ndarray, np.ndarray]:
+    """(data, train rows, test rows): :func:`load` then :func:`split`, the one split every model
+    is scored on."""
+    data = load(cfg)
+    return (data, *split(data.labels, cfg.test_fraction, cfg.seed))
+
+
 def load(cfg: Probe) -> Labelled:
     """The configured labelled set, cleaned, then stratified-subsampled to ``max_examples``."""
     if cfg.source == "bbc_offline":
@@ -231,6 +238,30 @@ def features(
             hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         out[rows] = mean_pool(hidden.float(), mask).cpu().numpy()
     return out
+
+
+def pad_token_id(tokenizer) -> int:
+    # Padding is masked out of every feature, so any id will do when the tokenizer has none.
+    return tokenizer.pad_token_id or 0
+
+
+def linear_accuracy(
+    model: nn.Module,
+    ids: list[list[int]],
+    pad_id: int,
+    labels: np.ndarray,
+    train_rows: np.ndarray,
+    test_rows: np.ndarray,
+    cfg: Probe,
+    device: torch.device,
+    precision: str = "fp32",
+) -> float:
+    """The linear probe's held-out accuracy on ``model``'s frozen :func:`features` of ``ids``."""
+    x = features(model.to(device), ids, pad_id, cfg.batch_size, device, precision)
+    return linear_probe(
+        x[train_rows], labels[train_rows], x[test_rows], labels[test_rows], cfg.linear_c,
+        cfg.linear_max_iter,
+    )
 
 
 def linear_probe(
@@ -364,17 +395,15 @@ def probe_model(
             f"{limit} positions: lower it"
         )
     ids = tokenize(tokenizer, data.texts, cfg.max_seq_length)
-    pad_id = tokenizer.pad_token_id or 0  # masked out anyway: any id will do when unset
-    x = features(model.to(device), ids, pad_id, cfg.batch_size, device, precision)
-    del model
+    pad_id = pad_token_id(tokenizer)
     y = data.labels
     result: dict[str, float | None] = {
-        "linear_acc": linear_probe(
-            x[train_rows], y[train_rows], x[test_rows], y[test_rows], cfg.linear_c,
-            cfg.linear_max_iter,
+        "linear_acc": linear_accuracy(
+            model, ids, pad_id, y, train_rows, test_rows, cfg, device, precision
         ),
         "finetune_acc": None,
     }
+    del model
     losses: list[float] = []
     if cfg.finetune_steps:
         tuned = finetune(

@@ -157,19 +157,16 @@ def probe_accuracy(models: dict[str, nn.Module], tokenizer, cfg: Probe) -> dict[
     fp32 for every model, because the int8 kernels are CPU-only and fp32 is the like-for-like
     baseline. A quantized encoder cannot be fine-tuned, so the fine-tune is not repeated.
     """
-    data = probe.load(cfg)
-    train_rows, test_rows = probe.split(data.labels, cfg.test_fraction, cfg.seed)
+    data, train_rows, test_rows = probe.load_split(cfg)
     ids = probe.tokenize(tokenizer, data.texts, cfg.max_seq_length)
-    pad_id = tokenizer.pad_token_id or 0  # masked out anyway
-    y = data.labels
-    out = {}
-    for name, model in models.items():
-        x = probe.features(base_model(model), ids, pad_id, cfg.batch_size, torch.device("cpu"))
-        out[f"{name}/probe_linear_acc"] = probe.linear_probe(
-            x[train_rows], y[train_rows], x[test_rows], y[test_rows], cfg.linear_c,
-            cfg.linear_max_iter,
+    pad_id = probe.pad_token_id(tokenizer)
+    return {
+        f"{name}/probe_linear_acc": probe.linear_accuracy(
+            base_model(model), ids, pad_id, data.labels, train_rows, test_rows, cfg,
+            torch.device("cpu"),
         )
-    return out
+        for name, model in models.items()
+    }
 
 
 @dataclass

@@ -17,7 +17,6 @@ from kd.params import Params, load_params
 from kd.runtime import setup
 
 FINETUNE_LOG_EVERY = 10  # steps between fine-tune loss points in MLflow (one round trip each)
-TEACHER = "teacher"
 
 
 def run_stage(p: Params, name: str, model_dir: Path, stage: str, out: Path) -> None:
@@ -26,8 +25,7 @@ def run_stage(p: Params, name: str, model_dir: Path, stage: str, out: Path) -> N
         raise SystemExit(f"{model_dir} is missing: run {stage} first (`dvc repro`)")
     device, _ = setup(p.base, seed=p.probe.seed)
     start = time.perf_counter()
-    data = probe.load(p.probe)
-    train_rows, test_rows = probe.split(data.labels, p.probe.test_fraction, p.probe.seed)
+    data, train_rows, test_rows = probe.load_split(p.probe)
     counts = [int((data.labels[test_rows] == c).sum()) for c in range(len(data.classes))]
     print(
         f"probe {name}: {p.probe.source}, {len(data.classes)} classes, {len(train_rows)} train / "
@@ -74,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     p = load_params()
     if args.teacher:
-        run_stage(p, TEACHER, p.paths.teacher, "prepare_teacher", p.paths.probe / "teacher.json")
+        run_stage(p, arms.TEACHER, p.paths.teacher, "prepare_teacher", arms.teacher_probe_json(p))
         return
     if args.init:
         floor = arms.of_floor(p)

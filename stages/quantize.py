@@ -57,5 +57,6 @@ def main() -> None:
         f"report in {out_dir / 'quantize.md'}"
     )
 
+
 if __name__ == "__main__":
     main()

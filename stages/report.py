@@ -12,16 +12,15 @@ from kd.params import load_params
 
 def main() -> None:
     p = load_params()
-    arms = [report.load_arm(o, p.loss.schemes[o.name]) for o in kd_arms.compared(p)]
-    floor = None
-    if kd_arms.of_floor(p).eval_json.exists():
-        floor = report.load_arm(kd_arms.of_floor(p), None)
+    compared, floor_out = kd_arms.compared(p), kd_arms.of_floor(p)
+    arms = [report.load_arm(o, p.loss.schemes[o.name]) for o in compared]
+    floor = report.load_arm(floor_out, None) if floor_out.eval_json.exists() else None
     headline = p.loss.scheme
     summary = report.eval_metrics(arms, headline, floor)
     probes = {
-        "teacher": p.paths.probe / "teacher.json",
-        kd_arms.FLOOR: kd_arms.of_floor(p).probe_json,
-        **{o.name: o.probe_json for o in kd_arms.compared(p)},
+        kd_arms.TEACHER: kd_arms.teacher_probe_json(p),
+        kd_arms.FLOOR: floor_out.probe_json,
+        **{o.name: o.probe_json for o in compared},
     }
     probe_keys, probe_md = report.probe_results(
         report.read_probes(probes),
