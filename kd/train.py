@@ -25,6 +25,7 @@ from kd import attribution, checkpoint, optim
 from kd.dist import SINGLE, Dist
 from kd.dist import mean as dist_mean
 from kd.distill import Distiller
+from kd.dropout import use_fast_dropout
 from kd.gradnorm import grad_norms, layer_groups
 from kd.masking import mask_tokens
 from kd.params import Train
@@ -150,6 +151,9 @@ class Stepper:
         self.precision, self.device, self.dist = precision, device, dist
         if forward is None:
             use_training_attention(distiller.student, attention, device)
+            # Cheaper dropout masks on the CPU (kd/dropout.py); the naive benchmark row keeps
+            # torch's, as the common toolkits do.
+            use_fast_dropout(distiller.student, device)
         if cfg.dropout is not None:
             set_dropout(distiller.student, cfg.dropout)
         distiller.to(device).train()
