@@ -28,8 +28,10 @@ def logit_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float)
         A float32 scalar. The T² factor is applied at every T (including T = 1) so that the
         gradient magnitude stays comparable when T changes, as the paper recommends.
 
-    At T = 1 the division is skipped: at ~300 masked positions × 30,522 words it is a full pass
-    over each model's logits (and one more in the backward) for nothing. (Writing the KL as
+    At ~300 masked positions × 30,522 words every pass over the logits counts, so: at T = 1 the
+    division is skipped, and when the teacher's logits need no gradient (distillation) the KL
+    and its gradient (p_S − p_T)/N come from :class:`_SoftTargetKL`, which makes ~40 % fewer
+    passes than autograd through ``kl_div`` (same sums, float32). (Writing the KL as
     H(p_T, p_S) − H(p_T) with the fused soft-target cross-entropy would be faster still, but it
     subtracts two numbers near log V and loses ~1e-6 absolute, too much for small KLs.)
     """
@@ -44,13 +46,42 @@ def logit_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float)
         # A batch with no selected positions must still be backward-able, and batchmean would
         # divide by zero.
         return student_logits.float().sum() * 0.0
-    z_s, z_t = student_logits.float(), teacher_logits.float()
+    z_s, z_t = student_logits, teacher_logits.float()
     if temperature != 1.0:
-        z_s, z_t = z_s / temperature, z_t / temperature
-    log_p_s = F.log_softmax(z_s, dim=-1)
+        z_s, z_t = z_s.float() / temperature, z_t / temperature
     log_p_t = F.log_softmax(z_t, dim=-1)
-    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    if teacher_logits.requires_grad:
+        log_p_s = F.log_softmax(z_s.float(), dim=-1)
+        kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    else:
+        kl = _SoftTargetKL.apply(z_s, log_p_t)
     return kl * (temperature**2)
+
+
+class _SoftTargetKL(torch.autograd.Function):
+    """(1/N) Σ_n Σ_v p_T (log p_T − log p_S) from student logits and fixed teacher log-probs.
+
+    Forward: one log-softmax of the student, one difference, one product-sum (kept elementwise,
+    not a BLAS dot, whose serial accumulation over millions of terms lost 1e-4 relative).
+    Backward: ∂L/∂z_S = (softmax(z_S) − p_T)/N, two passes, instead of autograd's chain through
+    kl_div and log_softmax. Saved tensors are not modified, so a retained graph can be
+    differentiated again (per-term attribution does).
+    """
+
+    @staticmethod
+    def forward(ctx, z_s: Tensor, log_p_t: Tensor) -> Tensor:
+        log_p_s = F.log_softmax(z_s.float(), dim=-1)
+        p_t = log_p_t.exp()
+        kl = (p_t * (log_p_t - log_p_s)).sum() / z_s.shape[0]
+        ctx.save_for_backward(log_p_s, p_t)
+        ctx.dtype = z_s.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        log_p_s, p_t = ctx.saved_tensors
+        g = log_p_s.exp().sub_(p_t).mul_(grad / log_p_s.shape[0])
+        return g.to(ctx.dtype), None
 
 
 def hidden_mse(student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:

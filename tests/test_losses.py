@@ -325,3 +325,33 @@ def test_no_mask_equals_an_all_ones_mask():
     ones = torch.ones(2, 5)
     torch.testing.assert_close(hidden_mse(s, t, None), hidden_mse(s, t, ones))
     torch.testing.assert_close(attention_mse(a_s, a_t, None), attention_mse(a_s, a_t, ones))
+
+
+def test_logit_kl_fast_path_equals_autograd_through_kl_div() -> None:
+    # A teacher that needs no gradient takes _SoftTargetKL; one that does takes kl_div.
+    torch.manual_seed(0)
+    for temperature in (1.0, 2.0):
+        z_s = (torch.randn(37, 301) * 3).requires_grad_()
+        z_t = z_s.detach() + torch.randn(37, 301)
+        fast = logit_kl(z_s, z_t, temperature)
+        (g_fast,) = torch.autograd.grad(fast, z_s, retain_graph=True)
+        (g_again,) = torch.autograd.grad(fast, z_s)  # a retained graph differentiates twice
+        ref = logit_kl(z_s, z_t.clone().requires_grad_(), temperature)
+        (g_ref,) = torch.autograd.grad(ref, z_s)
+        torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(g_again, g_fast, rtol=0, atol=0)
+
+
+def test_logit_kl_fast_path_in_bf16_matches_float32_and_keeps_the_dtype() -> None:
+    torch.manual_seed(1)
+    z_s = torch.randn(16, 500, dtype=torch.bfloat16, requires_grad=True)
+    z_t = torch.randn(16, 500, dtype=torch.bfloat16)
+    loss = logit_kl(z_s, z_t, 1.0)
+    loss.backward()
+    assert loss.dtype == torch.float32 and z_s.grad.dtype == torch.bfloat16
+    z32 = z_s.detach().float().requires_grad_()
+    ref = logit_kl(z32, z_t.float().requires_grad_(), 1.0)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)  # the sums run in float32
+    torch.testing.assert_close(z_s.grad.float(), z32.grad, rtol=1e-2, atol=1e-5)  # bf16 grads
