@@ -59,7 +59,7 @@ from kd.distill import Distiller, logit_positions
 from kd.masking import mask_tokens
 from kd.optim import param_groups
 from kd.params import Scheme, Train
-from kd.runtime import attention_implementation, bf16_supported
+from kd.runtime import attention_implementation, bf16_supported, keep_freed_memory
 from kd.train import Stepper, set_dropout
 
 ROWS = ("naive", "textbrewer", "project_fp32", "project_bf16", "project_bf16_sdpa")
@@ -888,6 +888,7 @@ def main(argv=None) -> int:
     threads = args.threads if args.threads is not None else params.base.threads
     if threads:
         torch.set_num_threads(threads)
+    keep_freed_memory()  # as every stage does (kd.runtime.setup): time the step that trains
     device = torch.device("cuda" if params.base.device != "cpu" and torch.cuda.is_available()
                           else "cpu")
     cfg = BenchConfig(seed=params.base.seed, precision=args.precision or params.base.precision,
