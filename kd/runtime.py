@@ -93,7 +93,7 @@ def keep_freed_memory() -> bool:
     ~300 × 30k logits, dropout masks). By default glibc serves each block above a moving
     threshold with a fresh ``mmap`` and unmaps it on free, and trims the heap's top as soon as
     128 KiB are free, so every step faults its temporaries back in page by page: ~4 s of kernel
-    time in a 30-step run. Serving blocks up to 32 MiB from the heap and keeping the heap made
+    time in a 20-step run. Serving blocks up to 32 MiB from the heap and keeping the heap made
     the multi arm's step in the training loop 782 → 695 ms (README, Performance); the numbers
     are untouched. The process keeps its peak heap until it exits instead of returning it
     between steps. Other C libraries (macOS, musl) have no ``mallopt``: nothing changes there.
