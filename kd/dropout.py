@@ -20,6 +20,8 @@ nothing there.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -41,9 +43,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     threshold (m = p·2¹⁵ rounded: the low lane drops below −2¹⁵ + 2m, the high lane below m)
     gives both the same rate m/2¹⁵.
     """
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     m = round(p * QUANTUM)
     words = torch.empty((n + 1) // LANES, dtype=torch.int32, device=device).random_()
     # Lane order assumes a little-endian host (x86, ARM): lane 0 is the low half of a word.

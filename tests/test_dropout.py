@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from tiny import tiny_bert
+from tiny import mlm_loss_and_grads, tiny_bert
 
 from kd.distill import Distiller
 from kd.dropout import IMPLEMENTATION, Dropout, drop, drop_rate, keep_mask, use_fast_dropout
@@ -81,14 +81,6 @@ def test_identity_when_not_training_or_p_is_zero_and_zero_at_p_one() -> None:
     assert drop(bf16, 0.3).dtype == torch.bfloat16
 
 
-def _loss_and_grads(model, ids, mask):
-    model.zero_grad()
-    out = model(input_ids=ids, attention_mask=mask, labels=ids)
-    out.loss.backward()
-    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                               if p.grad is not None}
-
-
 def test_a_model_on_the_new_masks_computes_the_same_when_nothing_is_dropped() -> None:
     # Training mode with p = 0 runs every dropout call site: the loss and gradients must be
     # exactly transformers' eager ones, padding included.
@@ -98,11 +90,11 @@ def test_a_model_on_the_new_masks_computes_the_same_when_nothing_is_dropped() ->
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
     model.train()
-    loss_ref, grads_ref = _loss_and_grads(model, ids, mask)
+    loss_ref, grads_ref = mlm_loss_and_grads(model, ids, mask)
     assert use_fast_dropout(model, CPU)
     assert model.config._attn_implementation == IMPLEMENTATION
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
-    loss, grads = _loss_and_grads(model, ids, mask)
+    loss, grads = mlm_loss_and_grads(model, ids, mask)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=1e-7)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, grads_ref[name], rtol=1e-5, atol=1e-7, msg=name)

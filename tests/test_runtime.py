@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_bert
+from tiny import mlm_loss_and_grads, tiny_bert
 
 from kd.distill import Distiller
 from kd.params import Base, ParamsError, Scheme, Train, parse_params
@@ -31,14 +31,6 @@ def test_an_unknown_kernel_is_a_params_error_naming_the_key() -> None:
     assert Base().attention == "auto"
 
 
-def _loss_and_grads(model, ids, mask):
-    model.zero_grad()
-    out = model(input_ids=ids, attention_mask=mask, labels=ids)
-    out.loss.backward()
-    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                               if p.grad is not None}
-
-
 def test_switching_the_kernel_keeps_the_loss_and_gradients() -> None:
     model = tiny_bert(32, 2, 0, VOCAB, hidden_dropout_prob=0.0,
                       attention_probs_dropout_prob=0.0)
@@ -48,10 +40,10 @@ def test_switching_the_kernel_keeps_the_loss_and_gradients() -> None:
     mask[1, 7:] = 0  # padding must be masked the same way by both kernels
     use_training_attention(model, "sdpa", CPU)
     assert model.config._attn_implementation == "sdpa"
-    loss_sdpa, grads_sdpa = _loss_and_grads(model, ids, mask)
+    loss_sdpa, grads_sdpa = mlm_loss_and_grads(model, ids, mask)
     use_training_attention(model, "auto", CPU)
     assert model.config._attn_implementation == "eager"
-    loss_eager, grads_eager = _loss_and_grads(model, ids, mask)
+    loss_eager, grads_eager = mlm_loss_and_grads(model, ids, mask)
     torch.testing.assert_close(loss_eager, loss_sdpa, rtol=1e-5, atol=1e-6)
     assert grads_eager.keys() == grads_sdpa.keys()
     for name, grad in grads_eager.items():

@@ -21,6 +21,15 @@ def tiny_bert(
     return BertForMaskedLM(cfg)
 
 
+
+def mlm_loss_and_grads(model, ids, mask) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One masked-LM forward/backward with the ids as labels: (loss, every parameter's grad)."""
+    model.zero_grad()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.grad is not None}
+
 # Three topics with disjoint vocabularies (single word pieces in the default BERT vocabulary):
 # any encoder that keeps token identity separates them, so a probe must score high on them.
 TOPICS = {
