@@ -2,7 +2,7 @@
 
 DVC deletes a stage's outputs just before running it, so a stage that discovered bad params
 itself would already have lost its previous outputs. This runs before every other stage: it
-validates params.yaml (kd/params.py) and what params alone cannot show — each trained scheme's
+validates params.yaml (kd/core/params.py) and what params alone cannot show — each trained scheme's
 layer map and head counts against the teacher's and student's configs (read, not loaded).
 It writes a marker with constant content that every stage depends on, so a bad params.yaml
 stops the pipeline with nothing deleted, while a good change reruns only the stages that use it.
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from transformers import AutoConfig, BertConfig
 
-from kd.assets import resolve_model
-from kd.distill import check_compatible
-from kd.params import Params, load_params
+from kd.core.params import Params, load_params
+from kd.data.assets import resolve_model
+from kd.distill.distiller import check_compatible
 
 
 def student_config(p: Params):

@@ -2,7 +2,7 @@
 
 ``--init`` scores the initial student instead (the floor both arms started from), at T = 1 on
 masked positions with the uniform layer map; its outputs are named ``student_init``. ``--scheme``
-scores loss.scheme when it is not an arm (the evaluate_scheme stage; see kd/arms.py).
+scores loss.scheme when it is not an arm (the evaluate_scheme stage; see kd/core/arms.py).
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import pandas as pd
 import torch
 from transformers import AutoModelForMaskedLM
 
-from kd import arms, tokens, tracking
-from kd.distill import Projections
-from kd.evaluate import Judge, evaluate, summarize
-from kd.io import atomic_file, write_json
-from kd.params import load_params
-from kd.runtime import setup
+from kd.core import arms, tracking
+from kd.core.io import atomic_file, write_json
+from kd.core.params import load_params
+from kd.core.runtime import setup
+from kd.data import tokens
+from kd.distill.distiller import Projections
+from kd.evaluation.evaluate import Judge, evaluate, summarize
 
 
 def load_projections(path: Path, d_student: int, d_teacher: int) -> Projections:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from kd import assets, runtime, teacher, tokens, tracking
-from kd.io import atomic_dir, write_json
-from kd.params import load_params
+from kd.core import runtime, tracking
+from kd.core.io import atomic_dir, write_json
+from kd.core.params import load_params
+from kd.data import assets, tokens
+from kd.models import teacher
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """probe@<arm>, probe_teacher, probe_init, probe_scheme: what one model is good for downstream.
 
 A linear probe on frozen features and a short fine-tune on one labelled text set and one fixed
-split (kd/probe.py). One stage per model, so an experiment reprobes only the models it changed:
+split (kd/probe/probe.py). One stage per model, so an experiment reprobes only the models it changed:
 another seed reprobes the students, a new scheme only its own, and the teacher never.
 """
 
@@ -11,10 +11,11 @@ import argparse
 import time
 from pathlib import Path
 
-from kd import arms, probe, tracking
-from kd.io import write_json
-from kd.params import Params, load_params
-from kd.runtime import setup
+from kd.core import arms, tracking
+from kd.core.io import write_json
+from kd.core.params import Params, load_params
+from kd.core.runtime import setup
+from kd.probe import probe
 
 FINETUNE_LOG_EVERY = 10  # steps between fine-tune loss points in MLflow (one round trip each)
 

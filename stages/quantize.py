@@ -7,10 +7,12 @@ import math
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from kd import quantize, tokens, tracking
-from kd.io import atomic_dir, write_json
-from kd.params import load_params
-from kd.runtime import setup
+from kd.core import tracking
+from kd.core.io import atomic_dir, write_json
+from kd.core.params import load_params
+from kd.core.runtime import setup
+from kd.data import tokens
+from kd.quantize import dynamic as quantize
 
 
 def main() -> None:

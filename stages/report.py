@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
-from kd import arms as kd_arms
-from kd import report, tracking
-from kd.io import atomic_dir, write_json
-from kd.params import load_params
+from kd.core import arms as kd_arms
+from kd.core import tracking
+from kd.core.io import atomic_dir, write_json
+from kd.core.params import load_params
+from kd.report import report
 
 
 def main() -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from kd import corpus, tracking
-from kd.io import atomic_dir, write_json
-from kd.params import load_params
+from kd.core import tracking
+from kd.core.io import atomic_dir, write_json
+from kd.core.params import load_params
+from kd.data import corpus
 
 
 def main() -> None:

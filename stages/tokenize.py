@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from kd import assets, corpus, tokens, tracking
-from kd.io import atomic_dir, write_json
-from kd.params import load_params
-from kd.runtime import setup
+from kd.core import tracking
+from kd.core.io import atomic_dir, write_json
+from kd.core.params import load_params
+from kd.core.runtime import setup
+from kd.data import assets, corpus, tokens
 
 
 def main() -> None:

@@ -8,13 +8,16 @@ import pandas as pd
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from kd import arms, checkpoint, student, tokens, tracking
-from kd import dist as kdist
-from kd.distill import Distiller
-from kd.io import atomic_dir, atomic_file, read_json, write_json
-from kd.params import load_params
-from kd.runtime import setup
-from kd.train import Masking, train
+from kd.core import arms, tracking
+from kd.core import dist as kdist
+from kd.core.io import atomic_dir, atomic_file, read_json, write_json
+from kd.core.params import load_params
+from kd.core.runtime import setup
+from kd.data import tokens
+from kd.distill.distiller import Distiller
+from kd.models import student
+from kd.training import checkpoint
+from kd.training.loop import Masking, train
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-from kd.corpus import Document  # noqa: E402
+from kd.data.corpus import Document  # noqa: E402
 
 _SUBJECTS = [
     "The river",
@@ -95,7 +95,7 @@ def _isolated_env(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def default_tokenizer():
-    from kd.assets import load_tokenizer
+    from kd.data.assets import load_tokenizer
 
     return load_tokenizer("default")
 
@@ -106,7 +106,7 @@ def tiny_teacher_dir(tmp_path_factory, default_tokenizer) -> Path:
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
-    from kd.assets import default_teacher_dir
+    from kd.data.assets import default_teacher_dir
 
     path = tmp_path_factory.mktemp("tiny_teacher")
     torch.manual_seed(0)
@@ -120,7 +120,7 @@ def tiny_teacher_dir(tmp_path_factory, default_tokenizer) -> Path:
     BertForMaskedLM(config).save_pretrained(path)
     default_tokenizer.save_pretrained(path)
     # transformers 5 saves only tokenizer.json; a student built from a config rebuilds its
-    # tokenizer from the teacher's vocab.txt (kd.assets.rebuilt_tokenizer), so ship it too.
+    # tokenizer from the teacher's vocab.txt (kd.data.assets.rebuilt_tokenizer), so ship it too.
     shutil.copy(default_teacher_dir() / "vocab.txt", path / "vocab.txt")
     return path
 

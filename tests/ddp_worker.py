@@ -16,12 +16,12 @@ from datasets import Dataset
 from tiny import tiny_bert
 from transformers import BertForMaskedLM
 
-from kd import dist as kdist
-from kd import tracking
-from kd.distill import Distiller
-from kd.params import Scheme, Train
-from kd.tokens import pack
-from kd.train import Masking, train
+from kd.core import dist as kdist
+from kd.core import tracking
+from kd.core.params import Scheme, Train
+from kd.data.tokens import pack
+from kd.distill.distiller import Distiller
+from kd.training.loop import Masking, train
 
 VOCAB = 60
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 from test_train import LOGIT, MULTI, ds, run_train, tiny  # noqa: F401 (ds is a fixture)
 
-from kd import attribution, student
-from kd.distill import Distiller
-from kd.gradnorm import grad_norms, layer_groups
-from kd.params import Scheme, Train
-from kd.train import Stepper
+from kd.core.params import Scheme, Train
+from kd.distill.distiller import Distiller
+from kd.models import student
+from kd.training import attribution
+from kd.training.gradnorm import grad_norms, layer_groups
+from kd.training.loop import Stepper
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -124,12 +125,12 @@ def test_stepper_attributes_only_on_its_steps() -> None:
 
 
 def test_attribution_keys_reach_mlflow(ds, tmp_path) -> None:  # noqa: F811
-    """Every key a training step logs is a valid MLflow metric name once kd.tracking has it: one
+    """Every key a training step logs is a valid MLflow metric name once kd.core.tracking has it: one
     invalid name (e.g. the "~" of a cosine's pair) fails the whole batch and the run's later
     metrics with it."""
     from mlflow.utils.validation import _validate_metric_name
 
-    from kd.tracking import metric_key
+    from kd.core.tracking import metric_key
 
     _, _, run = run_train(ds, tmp_path, max_steps=4, attribution_every=2)
     keys = {k for _, m in run.logged for k in m}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from transformers import BertConfig, BertForMaskedLM
 
-from kd import assets, student
-from kd.io import atomic_dir, atomic_file
-from kd.params import Student
+from kd.core.io import atomic_dir, atomic_file
+from kd.core.params import Student
+from kd.data import assets
+from kd.models import student
 
 
 def test_missing_teacher_path_names_the_fix(tmp_path):

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from kd import bench, flops
-from kd.params import Scheme
+from kd.bench import bench
+from kd.core.params import Scheme
+from kd.training import flops
 
 SCHEMES = {
     "logit": Scheme(terms={"logit": 1.0}),
@@ -186,7 +187,7 @@ def test_project_step_updates_weights_and_flops_count_masked_positions(scheme):
     row = bench.project_row(start, sch, "fp32", TINY, torch.device("cpu"), batch_size=2)
     batches = bench.make_batches(60, bench.Shape(2, 16), 1, 0)
     w0 = row.distiller.student.bert.encoder.layer[0].output.dense.weight.clone()
-    row.step(batches[0])  # lr 0 at the first step of the warm-up, as in kd/train.py
+    row.step(batches[0])  # lr 0 at the first step of the warm-up, as in kd/training/loop.py
     row.step(batches[0])
     assert not torch.equal(w0, row.distiller.student.bert.encoder.layer[0].output.dense.weight)
     fl = bench.row_flops(start, sch, bench.Shape(2, 16), "project_fp32", batches)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kd import corpus
-from kd.corpus import Document
-from kd.params import Corpus
+from kd.core.params import Corpus
+from kd.data import corpus
+from kd.data.corpus import Document
 
 
 def _cfg(path: Path, **kw) -> Corpus:

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from kd import tokens
-from kd.io import read_json
-from kd.tracking import EXPERIMENT
+from kd.core.io import read_json
+from kd.core.tracking import EXPERIMENT
+from kd.data import tokens
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
-from kd import losses
-from kd.distill import Distiller
-from kd.params import Scheme
+from kd.core.params import Scheme
+from kd.distill import losses
+from kd.distill.distiller import Distiller
 
 MULTI = Scheme(terms={"embedding": 1.0, "hidden": 1.0, "attention": 1.0, "logit": 1.0})
 # Every new term that has a naive (hook-free) path, and the logit term.

@@ -1,4 +1,4 @@
-"""kd/dropout.py: cheaper CPU dropout masks with dropout's distribution, and a model that trains
+"""kd/training/dropout.py: cheaper CPU dropout masks with dropout's distribution, and a model that trains
 on them computes what it did on torch's dropout whenever no element is dropped."""
 
 from __future__ import annotations
@@ -11,10 +11,17 @@ import pytest
 import torch
 from tiny import mlm_loss_and_grads, tiny_bert
 
-from kd.distill import Distiller
-from kd.dropout import IMPLEMENTATION, Dropout, drop, drop_rate, keep_mask, use_fast_dropout
-from kd.params import Scheme, Train
-from kd.train import Stepper
+from kd.core.params import Scheme, Train
+from kd.distill.distiller import Distiller
+from kd.training.dropout import (
+    IMPLEMENTATION,
+    Dropout,
+    drop,
+    drop_rate,
+    keep_mask,
+    use_fast_dropout,
+)
+from kd.training.loop import Stepper
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 VOCAB = 50

@@ -13,12 +13,12 @@ from datasets import Dataset, DatasetDict
 from tiny import tiny_bert
 from transformers import BertForMaskedLM
 
-from kd import lstsq
-from kd.distill import Projections
-from kd.evaluate import Judge, evaluate, fixed_batches, logit_metrics, summarize
-from kd.io import read_json
-from kd.masking import IGNORE
-from kd.params import Evaluate
+from kd.core.io import read_json
+from kd.core.params import Evaluate
+from kd.data.masking import IGNORE
+from kd.distill.distiller import Projections
+from kd.evaluation import lstsq
+from kd.evaluation.evaluate import Judge, evaluate, fixed_batches, logit_metrics, summarize
 
 VOCAB = 100
 SEQ = 12

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from kd.gradnorm import grad_norms, layer_groups
+from kd.training.gradnorm import grad_norms, layer_groups
 
 
 def _model() -> BertForMaskedLM:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from kd.hooks import attention_probs, attention_scores, capture
+from kd.distill.hooks import attention_probs, attention_scores, capture
 
 
 def _model(attn_implementation: str = "sdpa") -> BertForMaskedLM:
@@ -32,7 +32,7 @@ def _no_hooks(model: torch.nn.Module) -> bool:
     # transformers 5 installs its own persistent output-capturing hooks on encoder layers at
     # the first forward, so "no hooks" means none of ours is left.
     return all(
-        hook.__module__ != "kd.hooks" for m in model.modules() for hook in m._forward_hooks.values()
+        hook.__module__ != "kd.distill.hooks" for m in model.modules() for hook in m._forward_hooks.values()
     )
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from kd.layermap import resolve_layer_map, uniform_layer_map
+from kd.distill.layermap import resolve_layer_map, uniform_layer_map
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from kd.hooks import attention_scores
-from kd.losses import (
+from kd.distill.hooks import attention_scores
+from kd.distill.losses import (
     activation_boundary,
     attention_kl,
     attention_mse,

@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from kd.tracking import EXPERIMENT
+from kd.core.tracking import EXPERIMENT
 
 pytestmark = pytest.mark.slow
 

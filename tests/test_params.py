@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd.params import LOSS_TERMS, Params, ParamsError, load_params, parse_params
+from kd.core.params import LOSS_TERMS, Params, ParamsError, load_params, parse_params
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

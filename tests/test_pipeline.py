@@ -22,8 +22,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from kd.io import read_json
-from kd.tracking import EXPERIMENT
+from kd.core.io import read_json
+from kd.core.tracking import EXPERIMENT
 
 pytestmark = pytest.mark.slow
 
@@ -366,7 +366,7 @@ def test_killed_training_resumes_to_the_same_result(tiny_pipeline, tmp_path) -> 
         train={"max_steps": RESUME_STEPS, "checkpoint_every": 5, "log_every": 20,
                "attribution_every": 40},
     )
-    cmd = [sys.executable, "-m", "kd.launch", "stages.train", "--arm", "multi"]
+    cmd = [sys.executable, "-m", "kd.training.launch", "stages.train", "--arm", "multi"]
     metrics = repo.path / "data" / "metrics" / "train_multi.json"
     ckpt = repo.path / "data" / "checkpoints" / "multi" / "checkpoint.pt"
 

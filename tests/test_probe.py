@@ -12,12 +12,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 from tiny import TOPICS, tiny_bert, topic_folder, topic_texts
 
-from kd import probe
-from kd import report as kd_report
-from kd.io import read_json
-from kd.params import ParamsError, Probe, parse_params
-from kd.runtime import set_seed
-from kd.tracking import EXPERIMENT
+from kd.core.io import read_json
+from kd.core.params import ParamsError, Probe, parse_params
+from kd.core.runtime import set_seed
+from kd.core.tracking import EXPERIMENT
+from kd.probe import probe
+from kd.report import report as kd_report
 
 VOCAB = 30522  # the default tokenizer's: the toy topics are real words
 CPU = torch.device("cpu")

@@ -14,11 +14,11 @@ from tiny import tiny_bert, topic_folder
 from torch import nn
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
-from kd import quantize
-from kd.io import read_json
-from kd.masking import IGNORE
-from kd.params import Quantize
-from kd.tracking import EXPERIMENT
+from kd.core.io import read_json
+from kd.core.params import Quantize
+from kd.core.tracking import EXPERIMENT
+from kd.data.masking import IGNORE
+from kd.quantize import dynamic as quantize
 
 VOCAB, SEQ = 100, 16
 SMALL = dict(
@@ -178,10 +178,10 @@ def test_stage_writes_metrics_report_and_model(tmp_path, monkeypatch) -> None:
 def test_stage_probes_fp32_and_int8_on_the_probe_stage_split(
     tmp_path, monkeypatch, default_tokenizer
 ) -> None:
-    """With quantize.probe on, both models get kd.probe's linear probe on the same texts, and
-    the number for fp32 is exactly what kd.probe computes for the exported student on the CPU."""
-    from kd import probe
-    from kd.params import Probe
+    """With quantize.probe on, both models get kd.probe.probe's linear probe on the same texts, and
+    the number for fp32 is exactly what kd.probe.probe computes for the exported student on the CPU."""
+    from kd.core.params import Probe
+    from kd.probe import probe
     from stages import quantize as stage
 
     vocab = default_tokenizer.vocab_size  # real words: the toy topics must tokenize
@@ -203,7 +203,7 @@ def test_stage_probes_fp32_and_int8_on_the_probe_stage_split(
     m = read_json(tmp_path / "metrics" / "quantize.json")
     assert 0.0 <= m["int8/probe_linear_acc"] <= 1.0
     assert "| linear probe accuracy" in (tmp_path / "quantize" / "quantize.md").read_text()
-    # The fp32 number is kd.probe's own linear probe of the exported student (CPU, fp32).
+    # The fp32 number is kd.probe.probe's own linear probe of the exported student (CPU, fp32).
     data = probe.load(Probe(**cfg))
     train, test = probe.split(data.labels, 0.25, 0)
     model, tok = probe.load_encoder(tmp_path / "distilled")

@@ -10,11 +10,11 @@ import pytest
 import yaml
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-from kd import arms as kd_arms
-from kd import report
-from kd.evaluate import summarize
-from kd.io import read_json, write_json
-from kd.params import Scheme
+from kd.core import arms as kd_arms
+from kd.core.io import read_json, write_json
+from kd.core.params import Scheme
+from kd.evaluation.evaluate import summarize
+from kd.report import report
 
 LOGIT = Scheme(terms={"logit": 1.0})
 MULTI = Scheme(terms={"embedding": 1.0, "hidden": 1.0, "attention": 1.0, "logit": 1.0})

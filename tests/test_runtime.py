@@ -7,10 +7,10 @@ import pytest
 import torch
 from tiny import mlm_loss_and_grads, tiny_bert
 
-from kd.distill import Distiller
-from kd.params import Base, ParamsError, Scheme, Train, parse_params
-from kd.runtime import attention_implementation, use_training_attention
-from kd.train import Stepper
+from kd.core.params import Base, ParamsError, Scheme, Train, parse_params
+from kd.core.runtime import attention_implementation, use_training_attention
+from kd.distill.distiller import Distiller
+from kd.training.loop import Stepper
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
 VOCAB = 50
@@ -52,7 +52,7 @@ def test_switching_the_kernel_keeps_the_loss_and_gradients() -> None:
 
 def test_the_stepper_trains_the_student_on_the_chosen_kernel_and_leaves_the_teacher() -> None:
     scheme = Scheme(terms={"hidden": 1.0, "attention": 1.0, "logit": 1.0})
-    # On the CPU, eager attention trains with kd/dropout.py's masks: the same math, "kd_eager".
+    # On the CPU, eager attention trains with kd/training/dropout.py's masks: the same math, "kd_eager".
     for choice, expected in (("auto", "kd_eager"), ("eager", "kd_eager"), ("sdpa", "sdpa")):
         teacher, student = tiny_bert(24, 2, 1, VOCAB), tiny_bert(16, 2, 2, VOCAB)
         Stepper(Distiller(student, teacher, scheme), teacher, Train(batch_size=2), 4, "fp32",
@@ -62,7 +62,7 @@ def test_the_stepper_trains_the_student_on_the_chosen_kernel_and_leaves_the_teac
 
 
 def test_train_dropout_sets_every_dropout_of_the_student_only_and_not_its_config() -> None:
-    from kd.train import set_dropout
+    from kd.training.loop import set_dropout
 
     scheme = Scheme(terms={"logit": 1.0})
     teacher, student = tiny_bert(24, 2, 1, VOCAB), tiny_bert(16, 2, 2, VOCAB)
@@ -94,7 +94,7 @@ def test_freed_memory_stays_in_the_process_so_reuse_faults_less() -> None:
 
     code = (
         "import resource, sys, torch\n"
-        "from kd.runtime import keep_freed_memory\n"
+        "from kd.core.runtime import keep_freed_memory\n"
         "kept = keep_freed_memory() if sys.argv[1] == '1' else None\n"
         "def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "for _ in range(3):\n"

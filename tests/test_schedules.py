@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from kd import schedules
-from kd.params import ParamsError, Schedule, Scheme, parse_params
+from kd.core.params import ParamsError, Schedule, Scheme, parse_params
+from kd.distill import schedules
 
 
 def test_progress_runs_from_first_to_last_step() -> None:

@@ -1,8 +1,8 @@
-"""kd.seeds: the statistics on hand-computed cases, the verdicts, which `dvc exp show` rows count,
+"""kd.report.seeds: the statistics on hand-computed cases, the verdicts, which `dvc exp show` rows count,
 and the command end to end on a real `dvc exp show --json` (tests/data/dvc_exp_show.json).
 
 The fixture came from a throwaway git + DVC repo whose one stage writes an eval.json shaped like
-kd.report's (arms logit and multi, plus a probe key): the workspace and its commit at seed 0,
+kd.report.report's (arms logit and multi, plus a probe key): the workspace and its commit at seed 0,
 queued seeds 1 and 2, seed 1 queued twice, seed 3 with another train.lr, seed 13 failing (DVC
 lists it with its baseline's metrics), and seed 9 still queued.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kd import seeds
-from kd.seeds import Row
+from kd.report import seeds
+from kd.report.seeds import Row
 
 FIXTURE = Path(__file__).parent / "data" / "dvc_exp_show.json"
 T_975_2 = 4.302652729749462  # t_{0.975, 2}, from tables

@@ -14,9 +14,10 @@ from datasets import Dataset
 from torch import nn
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, BertModel
 
-from kd import assets, teacher, tokens
-from kd.corpus import Document
-from kd.params import Base, Teacher
+from kd.core.params import Base, Teacher
+from kd.data import assets, tokens
+from kd.data.corpus import Document
+from kd.models import teacher
 
 TINY = dict(
     vocab_size=30522,

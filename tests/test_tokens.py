@@ -5,9 +5,9 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from kd import assets, tokens
-from kd.corpus import Document
-from kd.masking import IGNORE, mask_tokens
+from kd.data import assets, tokens
+from kd.data.corpus import Document
+from kd.data.masking import IGNORE, mask_tokens
 
 CLS, SEP, PAD, MASK = 101, 102, 0, 103
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kd import tracking
+from kd.core import tracking
 
 
 def _client() -> MlflowClient:
@@ -187,7 +187,7 @@ import json
 
 import yaml
 
-from kd import tracking
+from kd.core import tracking
 
 lr = yaml.safe_load(open("params.yaml"))["lr"]
 with tracking.start_run("track", params={"lr": lr}, arm="logit") as run:

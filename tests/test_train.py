@@ -9,11 +9,19 @@ import torch
 from datasets import Dataset
 from tiny import tiny_bert
 
-from kd import checkpoint, student
-from kd.distill import Distiller
-from kd.params import Scheme, Train
-from kd.tokens import pack
-from kd.train import Masking, NonFiniteLoss, batch_indices, steps_per_epoch, total_steps, train
+from kd.core.params import Scheme, Train
+from kd.data.tokens import pack
+from kd.distill.distiller import Distiller
+from kd.models import student
+from kd.training import checkpoint
+from kd.training.loop import (
+    Masking,
+    NonFiniteLoss,
+    batch_indices,
+    steps_per_epoch,
+    total_steps,
+    train,
+)
 
 MULTI = Scheme(terms={"embedding": 1.0, "hidden": 1.0, "attention": 1.0, "logit": 1.0})
 LOGIT = Scheme(terms={"logit": 1.0})
@@ -168,9 +176,9 @@ def test_total_steps_from_epochs():
 
 
 def test_non_finite_loss_stops_with_step_and_term(ds, tmp_path, monkeypatch):
-    import kd.losses
+    import kd.distill.losses
 
-    real = kd.losses.hidden_mse
-    monkeypatch.setattr(kd.losses, "hidden_mse", lambda s, t, m: real(s, t, m) * float("nan"))
+    real = kd.distill.losses.hidden_mse
+    monkeypatch.setattr(kd.distill.losses, "hidden_mse", lambda s, t, m: real(s, t, m) * float("nan"))
     with pytest.raises(NonFiniteLoss, match=r"step 0 .*embedding, loss/hidden"):
         run_train(ds, tmp_path)

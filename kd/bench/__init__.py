@@ -1,0 +1,1 @@
+"""`python -m kd.bench`: the training-step benchmark, never a stage. Builds on every training layer."""

@@ -1,0 +1,393 @@
+"""Typed, validated view of params.yaml.
+
+Every stage calls :func:`load_params` first, so a misspelt key, a wrong type or an impossible
+combination fails before any work starts, with a message that names the key and the fix.
+The models mirror params.yaml section by section; `extra="forbid"` everywhere, because a silently
+ignored key is a silently wrong experiment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+# The loss terms a scheme may weight, and the arguments each uses. kd/distill/losses.py implements them.
+LOSS_TERMS = (
+    "embedding",
+    "hidden",
+    "attention",
+    "logit",
+    "hidden_cosine",
+    "minilm_attention",
+    "minilm_value",
+    "rkd_distance",
+    "rkd_angle",
+    "activation_boundary",
+)
+# Every term but the logit term reads intermediate representations (a "multi-loss" arm).
+INTERMEDIATE_TERMS = tuple(t for t in LOSS_TERMS if t != "logit")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Base(Strict):
+    seed: NonNegInt = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["bf16", "fp32"] = "bf16"
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    threads: NonNegInt = 0
+    nproc: PositiveInt = 1
+
+
+class Paths(Strict):
+    params_ok: Path = Path("data/params.ok")
+    corpus: Path = Path("data/corpus")
+    tokens: Path = Path("data/tokens")
+    teacher: Path = Path("data/teacher")
+    student_init: Path = Path("data/student_init")
+    students: Path = Path("data/students")
+    scheme: Path = Path("data/scheme")
+    probe: Path = Path("data/probe")
+    checkpoints: Path = Path("data/checkpoints")
+    metrics: Path = Path("data/metrics")
+    plots: Path = Path("data/plots")
+    report: Path = Path("data/report")
+    distilled: Path = Path("data/distilled")
+    quantize: Path = Path("data/quantize")
+
+
+class Corpus(Strict):
+    seed: NonNegInt = 0
+    source: Literal["wiki_offline", "hf", "text"] = "wiki_offline"
+    hf_name: str = "wikimedia/wikipedia"
+    hf_config: str | None = "20231101.en"
+    hf_split: str = "train"
+    hf_text_column: str = "text"
+    text_path: Path | None = None
+    text_column: str = "text"
+    n_docs: PositiveInt | None = None
+    n_words: PositiveInt | None = None
+    test_fraction: Fraction = 0.05
+    min_chars: NonNegInt = 32
+
+    @model_validator(mode="after")
+    def _check(self) -> Corpus:
+        if self.n_docs is not None and self.n_words is not None:
+            raise ValueError(
+                "corpus.n_docs and corpus.n_words are both set: choose one way to size the "
+                "sample (set the other to null)"
+            )
+        if self.source == "text" and self.text_path is None:
+            raise ValueError(
+                "corpus.source is 'text' but corpus.text_path is null: point it at a .txt, "
+                ".jsonl or .parquet file, or a folder of them"
+            )
+        if self.source == "hf" and self.n_docs is None and self.n_words is None:
+            raise ValueError(
+                "corpus.source is 'hf' (streamed) but neither corpus.n_docs nor corpus.n_words "
+                "is set: a hub dataset is too large to take whole; set one of them"
+            )
+        return self
+
+
+class Tokenize(Strict):
+    teacher_tokenizer: str | None = None
+    student_tokenizer: str | None = None
+    max_seq_length: Annotated[int, Field(ge=8, le=4096)] = 128
+    mlm_probability: Fraction = 0.15
+    mask_seed: NonNegInt = 1234
+    num_proc: PositiveInt = 1
+
+
+class Teacher(Strict):
+    source: str = "default"
+    seed: NonNegInt = 0
+    adapt_steps: NonNegInt = 400
+    lr: PositiveFloat = 6e-4
+    batch_size: PositiveInt = 16
+    warmup_steps: NonNegInt = 30
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    eval_batches: PositiveInt = 20
+
+
+class Student(Strict):
+    checkpoint: str | None = None
+    hidden_size: PositiveInt = 312
+    num_hidden_layers: PositiveInt = 4
+    num_attention_heads: PositiveInt = 12
+    intermediate_size: PositiveInt = 1200
+
+    @model_validator(mode="after")
+    def _check(self) -> Student:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"student.hidden_size ({self.hidden_size}) is not divisible by "
+                f"student.num_attention_heads ({self.num_attention_heads}): pick a head count "
+                "that divides the hidden size"
+            )
+        return self
+
+
+class Train(Strict):
+    batch_size: PositiveInt = 16
+    micro_batch_size: PositiveInt | None = None
+    epochs: PositiveFloat = 1.0
+    max_steps: PositiveInt | None = None
+    lr: PositiveFloat = 5e-4
+    warmup_steps: NonNegInt = 30
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    max_grad_norm: PositiveFloat = 1.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
+    masking: Literal["dynamic", "static"] = "dynamic"
+    log_every: PositiveInt = 10
+    checkpoint_every: PositiveInt = 100
+    attribution_every: NonNegInt = 50
+
+    @model_validator(mode="after")
+    def _attribution_is_logged(self) -> Train:
+        # Attributions are written in the logged rows, so they must fall on logged steps.
+        if self.attribution_every % self.log_every:
+            raise ValueError(
+                f"train.attribution_every={self.attribution_every} is not a multiple of "
+                f"train.log_every={self.log_every}: attributions are written with the logged "
+                f"rows (use e.g. {self.log_every * 5}, or 0 to turn them off)"
+            )
+        return self
+
+
+class Schedule(Strict):
+    """A value over training (kd/distill/schedules.py): ``constant`` keeps ``start``; ``linear`` goes
+    from ``start`` at the first step to ``end`` at the last. ``start`` defaults to the value the
+    scheme already gives (its ``temperature``, or the term's weight in ``terms``)."""
+
+    kind: Literal["constant", "linear"] = "constant"
+    start: Annotated[float, Field(ge=0)] | None = None
+    end: Annotated[float, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Schedule:
+        if self.kind == "linear" and self.end is None:
+            raise ValueError("a linear schedule needs `end` (the value at the last step)")
+        if self.kind == "constant" and self.end is not None:
+            raise ValueError("a constant schedule has no `end`: remove it, or set kind: linear")
+        return self
+
+
+class Scheme(Strict):
+    """A named, weighted set of loss terms and the options those terms take."""
+
+    terms: dict[str, Annotated[float, Field(ge=0)]]
+    temperature: PositiveFloat = 1.0
+    logit_positions: Literal["masked", "all"] = "masked"
+    attention_target: Literal["probs", "scores"] = "probs"
+    projection: Literal["per_layer", "shared"] = "per_layer"
+    layer_map: Literal["uniform"] | list[PositiveInt] = "uniform"
+    ab_margin: PositiveFloat = 1.0  # μ of the activation_boundary term (Heo et al. 2019)
+    temperature_schedule: Schedule | None = None  # null = constant `temperature`
+    weight_schedules: dict[str, Schedule] = Field(default_factory=dict)  # term -> schedule
+
+    @field_validator("terms")
+    @classmethod
+    def _known_terms(cls, terms: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(terms) - set(LOSS_TERMS))
+        if unknown:
+            raise ValueError(
+                f"unknown loss term(s) {unknown}: the known terms are {list(LOSS_TERMS)}"
+            )
+        if not any(w > 0 for w in terms.values()):
+            raise ValueError("every term weight is 0: give at least one term a positive weight")
+        return terms
+
+    @model_validator(mode="after")
+    def _check_schedules(self) -> Scheme:
+        loose = sorted(set(self.weight_schedules) - set(self.terms))
+        if loose:
+            raise ValueError(
+                f"weight_schedules names {loose}, which this scheme's `terms` does not list: "
+                f"add them to `terms` (their weight there is the schedule's default start) or "
+                f"drop their schedules"
+            )
+        t = self.temperature_schedule
+        if t is not None and (t.start == 0 or t.end == 0):
+            raise ValueError("temperature_schedule: a temperature must stay > 0")
+        return self
+
+    @property
+    def active_terms(self) -> dict[str, float]:
+        """The computed terms with their starting weights: a positive weight in ``terms``, or a
+        weight schedule that is positive somewhere."""
+        out = {}
+        for k, v in self.terms.items():
+            sched = self.weight_schedules.get(k)
+            start = v if sched is None or sched.start is None else sched.start
+            if start > 0 or (sched is not None and (sched.end or 0) > 0):
+                out[k] = start
+        return out
+
+    @property
+    def uses_intermediate(self) -> bool:
+        return any(t in self.active_terms for t in INTERMEDIATE_TERMS)
+
+
+class Loss(Strict):
+    scheme: str = "multi"
+    arms: list[str] = Field(default_factory=lambda: ["logit", "multi"], min_length=1)
+    schemes: dict[str, Scheme]
+
+    @model_validator(mode="after")
+    def _check(self) -> Loss:
+        known = sorted(self.schemes)
+        for arm in self.arms:
+            if arm not in self.schemes:
+                raise ValueError(
+                    f"loss.arms names '{arm}', which is not a scheme: define it under "
+                    f"loss.schemes or use one of {known}"
+                )
+        if len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"loss.arms lists an arm twice: {self.arms}")
+        if self.scheme not in self.schemes:
+            raise ValueError(
+                f"loss.scheme is '{self.scheme}', which is not a scheme: define it under "
+                f"loss.schemes or use one of {known}"
+            )
+        return self
+
+    @property
+    def trained(self) -> list[str]:
+        """Every scheme this experiment trains: the arms, then loss.scheme if it is not one."""
+        return [*self.arms, *([] if self.scheme in self.arms else [self.scheme])]
+
+
+class Evaluate(Strict):
+    batch_size: PositiveInt = 16
+    train_batches: PositiveInt = 16
+    test_batches: PositiveInt | None = None
+    lstsq_batches: PositiveInt = 8
+
+
+class Probe(Strict):
+    """The downstream probe (kd/probe/probe.py): a labelled text set, one fixed split, two measures."""
+
+    source: Literal["bbc_offline", "hf", "folder"] = "bbc_offline"
+    folder: Path | None = None  # <class>/*.txt (source: folder)
+    hf_name: str | None = None  # a hub dataset or a local dataset folder (source: hf)
+    hf_config: str | None = None
+    hf_splits: list[str] = Field(default_factory=lambda: ["train"], min_length=1)
+    text_column: str = "text"
+    label_column: str = "label"
+    max_examples: Annotated[int, Field(ge=4)] | None = None  # stratified subsample; None = all
+    test_fraction: Fraction = 0.2
+    seed: NonNegInt = 0  # the split, the subsample and the fine-tune; never base.seed
+    max_seq_length: Annotated[int, Field(ge=8, le=4096)] = 128
+    batch_size: PositiveInt = 64  # texts per forward for features and held-out predictions
+    linear_c: PositiveFloat = 1.0  # inverse L2 strength of the logistic regression
+    linear_max_iter: PositiveInt = 1000
+    finetune_steps: NonNegInt = 40  # 0 = linear probe only
+    finetune_batch_size: PositiveInt = 16
+    finetune_lr: PositiveFloat = 1e-4
+    finetune_warmup_steps: NonNegInt = 4
+    finetune_weight_decay: Annotated[float, Field(ge=0)] = 0.01
+
+    @model_validator(mode="after")
+    def _check(self) -> Probe:
+        if self.source == "folder" and self.folder is None:
+            raise ValueError(
+                "probe.source is 'folder' but probe.folder is null: point it at a folder laid "
+                "out as <class>/*.txt"
+            )
+        if self.source == "hf" and not self.hf_name:
+            raise ValueError(
+                "probe.source is 'hf' but probe.hf_name is null: name a Hugging Face dataset "
+                "(e.g. SetFit/bbc-news) or a local dataset folder"
+            )
+        if self.finetune_steps and self.finetune_warmup_steps >= self.finetune_steps:
+            raise ValueError(
+                f"probe.finetune_warmup_steps ({self.finetune_warmup_steps}) must be below "
+                f"probe.finetune_steps ({self.finetune_steps}): lower the warmup"
+            )
+        return self
+
+
+class Quantize(Strict):
+    dtype: Literal["qint8"] = "qint8"
+    batch_size: PositiveInt = 16
+    test_batches: PositiveInt = 8
+    latency_batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 16], min_length=1)
+    latency_seq_length: PositiveInt = 128
+    warmup_batches: NonNegInt = 3
+    latency_batches: PositiveInt = 20
+    probe: bool = True  # also the linear probe (probe: section) of fp32 and int8
+
+
+class Params(Strict):
+    base: Base = Base()
+    paths: Paths = Paths()
+    corpus: Corpus = Corpus()
+    tokenize: Tokenize = Tokenize()
+    teacher: Teacher = Teacher()
+    student: Student = Student()
+    train: Train = Train()
+    loss: Loss
+    evaluate: Evaluate = Evaluate()
+    probe: Probe = Probe()
+    quantize: Quantize = Quantize()
+
+
+class ParamsError(SystemExit):
+    """A params.yaml problem, reported as one readable paragraph (exit status 2)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _format(err: ValidationError, path: Path) -> str:
+    lines = [f"{path} is not valid ({err.error_count()} problem(s)); nothing was run:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key: check its spelling against params.yaml's documented keys, or remove it"
+        elif e["type"] == "missing":
+            msg = "required key is missing: add it (see the defaults in the repository's params.yaml)"
+        elif not isinstance(e.get("input"), dict | list):  # a whole section is no help to quote
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  - {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict, source: Path | str = "params.yaml") -> Params:
+    """Validate an already-loaded params mapping; raises :class:`ParamsError`."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ParamsError(_format(err, Path(source))) from None
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Read and validate params.yaml (relative to the working directory, where DVC runs stages)."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found: run from the repository root, where params.yaml is")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, path)
+

@@ -1,0 +1,226 @@
+"""The one place that talks to MLflow.
+
+Where runs go: ``MLFLOW_TRACKING_URI`` when set (a tracking server, a shared database), else a
+SQLite database ``mlflow.db`` at the repository root. The root comes from ``DVC_ROOT``, which DVC
+sets for every stage and points at the *parent* repository even inside a queued or ``--temp``
+experiment, whose working directory is a throwaway copy: a relative ``sqlite:///mlflow.db`` would
+land in that copy and vanish with it.
+
+Every run is tagged with its stage, arm, DVC experiment name, git revision and a group key shared
+by the runs of one ``dvc repro`` / ``dvc exp run``, so the UI can line the arms up.
+
+Tracking never kills training: if the backend is unreachable or locked, the first failure is
+reported once on stderr and every later call becomes a no-op; DVC metrics and plots, written by
+the stages themselves, stay complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+EXPERIMENT = "kd-pipeline"
+DB_NAME = "mlflow.db"
+# The tmp dir where DVC runs queued experiments; DVC_ROOT should never point there, but a
+# hand-copied environment might.
+_EXEC_TMP = os.path.join(".dvc", "tmp", "exps")
+
+
+def repo_root() -> Path:
+    """The repository that owns the tracking database (see module docstring)."""
+    root = os.environ.get("DVC_ROOT")
+    if root:
+        root = str(Path(root).resolve())
+        if _EXEC_TMP in root:
+            root = root.split(os.sep + _EXEC_TMP)[0]
+        return Path(root)
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True
+        )
+        return Path(out.stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return Path.cwd()
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{repo_root() / DB_NAME}"
+
+
+def git_revision() -> str:
+    # DVC sets the baseline revision for experiments; the workspace's HEAD otherwise.
+    rev = os.environ.get("DVC_EXP_BASELINE_REV")
+    if rev:
+        return rev
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path.cwd()
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def group_key(params_file: str | os.PathLike = "params.yaml") -> str:
+    """A key shared by every stage run of one `dvc repro` / `dvc exp run`.
+
+    An experiment has a name (DVC_EXP_NAME). A plain `dvc repro` has none, but all its stages see
+    the same git revision and params.yaml, so those two identify it.
+    """
+    name = os.environ.get("DVC_EXP_NAME")
+    if name:
+        return name
+    try:
+        digest = hashlib.sha256(Path(params_file).read_bytes()).hexdigest()[:8]
+    except OSError:
+        digest = "noparams"
+    return f"workspace-{git_revision()[:8]}-{digest}"
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}: MLflow params are flat strings."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+class Run:
+    """A thin handle on one MLflow run that degrades to a no-op when the backend fails."""
+
+    def __init__(self, mlflow_module, run_id: str | None):
+        self._mlflow = mlflow_module
+        self.run_id = run_id
+        self._dead = run_id is None
+
+    def _call(self, what: str, *args, **kwargs):
+        # Look the function up only when alive: a no-op Run has no mlflow module at all.
+        if self._dead:
+            return None
+        try:
+            return getattr(self._mlflow, what)(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any backend failure must not stop training
+            self._dead = True
+            print(
+                f"warning: MLflow {what} failed ({type(err).__name__}: {err}); tracking is off "
+                "for the rest of this stage, DVC metrics and plots are still written",
+                file=sys.stderr,
+            )
+            return None
+
+    @property
+    def active(self) -> bool:
+        return not self._dead
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        clean = {metric_key(k): float(v) for k, v in metrics.items() if v is not None}
+        self._call("log_metrics", clean, step=step)
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        self._call("log_params", flat)
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        self._call("set_tags", {k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._call("log_artifact", str(path), artifact_path)
+
+    def log_artifacts(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._call("log_artifacts", str(path), artifact_path)
+
+
+# MLflow accepts only these characters in a metric name; one outside them fails the whole
+# batch, and the run's later metrics with it. Our keys (CSV columns, JSON keys) may use others,
+# e.g. "attr/cos/hidden~logit" (kd/training/attribution.py).
+_BAD_KEY_CHARS = re.compile(r"[^\w\-./ :]")
+
+
+def metric_key(key: str) -> str:
+    """``key`` as MLflow accepts it: any character MLflow rejects becomes "-"."""
+    return _BAD_KEY_CHARS.sub("-", key)
+
+
+def _open(stage: str, arm: str | None, tags: Mapping[str, object], run_id: str | None):
+    # MLflow's HTTP client retries for minutes by default; a stage should learn within seconds
+    # that the server is down and carry on without it. A user's own settings win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        exp_id = mlflow.create_experiment(
+            EXPERIMENT,
+            # Opens the UI on training runs (charts) instead of its GenAI traces view.
+            tags={"mlflow.experimentKind": "custom_model_development"},
+        )
+    else:
+        exp_id = exp.experiment_id
+    name = f"{stage}@{arm}" if arm else stage
+    all_tags = {
+        "kd.stage": stage,
+        "kd.group": group_key(),
+        "kd.dvc_exp": os.environ.get("DVC_EXP_NAME", "workspace"),
+        "mlflow.source.git.commit": git_revision(),
+        **({"kd.arm": arm} if arm else {}),
+        **{k: str(v) for k, v in tags.items()},
+    }
+    if run_id is not None:
+        try:
+            # A resumed stage continues the run its checkpoint names: one curve, not two halves.
+            run = mlflow.start_run(run_id=run_id)
+            return mlflow, run.info.run_id
+        except Exception:  # noqa: BLE001 - that run is gone (another database): start afresh
+            pass
+    run = mlflow.start_run(experiment_id=exp_id, run_name=name, tags=all_tags)
+    return mlflow, run.info.run_id
+
+
+@contextlib.contextmanager
+def start_run(
+    stage: str,
+    params: Mapping[str, object] | None = None,
+    arm: str | None = None,
+    tags: Mapping[str, object] | None = None,
+    enabled: bool = True,
+    run_id: str | None = None,
+) -> Iterator[Run]:
+    """Open one tagged MLflow run for a stage; yields a :class:`Run` that never raises."""
+    if not enabled:
+        yield Run(None, None)
+        return
+    try:
+        mlflow, run_id = _open(stage, arm, tags or {}, run_id)
+    except Exception as err:  # noqa: BLE001
+        print(
+            f"warning: cannot reach MLflow at {tracking_uri()} ({type(err).__name__}: {err}); "
+            "this stage runs without tracking, DVC metrics and plots are still written",
+            file=sys.stderr,
+        )
+        yield Run(None, None)
+        return
+    handle = Run(mlflow, run_id)
+    if params:
+        handle.log_params(params)
+    status = "FAILED"
+    try:
+        yield handle
+        status = "FINISHED"
+    finally:
+        # KeyboardInterrupt included: the run is closed either way, marked by how it ended.
+        handle._call("end_run", status=status)

@@ -1,0 +1,510 @@
+"""One experiment over several seeds: means, 95% intervals, and the seed report's claims.
+
+Queue the seeds, run them, then aggregate::
+
+    dvc exp run --queue -S 'base.seed=1,2' && dvc queue start   # the workspace is seed 0
+    python -m kd.report.seeds                                          # -> data/seeds/seeds.{json,md}
+
+``base.seed`` moves the student's init, the training data order and the dynamic masks; the
+corpus sample, the test set and the teacher keep their own seeds, so every run is scored on the
+same test batches and the arms of one run share one initial student. That makes the runs
+*paired* by seed: the multi − logit difference is taken within each seed, then averaged.
+
+Which rows count: ``dvc exp show --json`` lists the workspace, the baseline commit and its
+experiments. A row is kept when its params equal the workspace's in every key but ``base.seed``
+and it has finished (no error, not queued or running, an ``eval.json`` in its metrics). A failed
+experiment is listed *with its baseline's metrics*, so its numbers would silently duplicate
+another seed: it is skipped on its error, never on its numbers. One row per seed: the
+workspace's when it is among them (it is what the user sees), else the newest.
+
+Statistics, with n seeds and t = t_{0.975, n-1} (Student's t):
+    mean, sample sd (ddof 1), 95% CI = mean ± t · sd / √n
+and for a pair of arms, the same on the per-seed difference d_s = other_s − base_s, plus the
+paired t-test's two-sided p (scipy.stats.ttest_rel). With 2 seeds t = 12.7, so only a
+difference that barely moves between seeds can be told apart from 0: that is the honest answer.
+
+Pairs: every (logit-only arm, other arm), the logit-only arms being those whose scheme
+(``loss.schemes.<arm>.terms`` in the workspace's params) has ``logit`` as its one non-zero term;
+when the params do not say, the arm named ``logit``. Each claim of the seed report
+(kd.report.report.CLAIMS: lower train and test logit loss, higher average gradient norm for the
+multi-loss arm) gets a verdict from the difference's CI: "holds" when it lies entirely on the
+claimed side of 0, "reversed" when entirely on the other side, "not distinguishable" otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from scipy import stats
+
+from kd.core.io import atomic_file, write_json
+from kd.core.tracking import EXPERIMENT, flatten, repo_root, start_run, tracking_uri
+from kd.report.report import CLAIMS, fmt
+
+SEED_KEY = "base.seed"
+LEVEL = 0.95
+# Per-arm keys of data/metrics/eval.json that are aggregated, besides any `probe_*` key.
+HEADLINE = (
+    "train/logit_kl_t1",
+    "test/logit_kl_t1",
+    "test/mlm_top1",
+    "mean_grad_norm",
+    "test/hidden_lstsq",
+)
+PROBE_PREFIX = "probe_"
+METRICS_DIR = "data/metrics"  # params.yaml's paths.metrics, when a row's params lack it
+QUEUE_HINT = "dvc exp run --queue -S 'base.seed=1,2' && dvc queue start"
+HOLDS, REVERSED, UNCLEAR = "holds", "reversed", "not distinguishable"
+
+
+# --- rows of `dvc exp show --json` -----------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One row of ``dvc exp show``: the workspace, a commit or an experiment."""
+
+    rev: str
+    name: str | None
+    timestamp: str | None
+    error: str | None
+    state: str | None  # the queue's executor state (queued, running, success, failed), if any
+    params: dict[str, object]  # params.yaml, flattened to dotted keys
+    metrics: dict | None  # eval.json's keys, None when the row has none
+
+    @property
+    def label(self) -> str:
+        return self.name or (self.rev if self.rev == "workspace" else self.rev[:7])
+
+    @property
+    def seed(self):
+        return self.params.get(SEED_KEY)
+
+
+def _row(node: Mapping, state: str | None) -> Row:
+    data = node.get("data") or {}
+    params = flatten(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
+    path = f"{params.get('paths.metrics', METRICS_DIR)}/eval.json"
+    metrics = ((data.get("metrics") or {}).get(path) or {}).get("data") or None
+    error = node.get("error") or data.get("error")
+    if isinstance(error, Mapping):
+        error = error.get("msg") or str(error)
+    return Row(
+        rev=str(node["rev"]),
+        name=node.get("name"),
+        timestamp=data.get("timestamp"),
+        error=error or None,
+        state=state,
+        params=params,
+        metrics=metrics,
+    )
+
+
+def parse_rows(tree) -> list[Row]:
+    """Every row of a ``dvc exp show --json`` tree, in its order.
+
+    A row is any object with ``rev`` and ``data``; its experiments sit in
+    ``experiments: [{"executor": ..., "revs": [row, ...]}, ...]``, walked to any depth.
+    """
+    rows: list[Row] = []
+
+    def walk(node, state: str | None) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item, state)
+        elif isinstance(node, Mapping):
+            executor = node.get("executor")
+            if isinstance(executor, Mapping):
+                state = executor.get("state")
+            if "rev" in node and "data" in node:
+                rows.append(_row(node, state))
+            for key in ("experiments", "revs"):
+                walk(node.get(key), state)
+
+    walk(tree, None)
+    return rows
+
+
+def exp_show(cwd: Path | None = None) -> list:
+    """``dvc exp show --json --all-commits`` in the repository root, through this interpreter's
+    DVC. Every commit's experiments, not only HEAD's: a seed queued before a commit that left
+    the params alone (a README edit, say) is still a run of this experiment, and the params
+    comparison below decides which rows belong."""
+    cmd = [sys.executable, "-m", "dvc", "exp", "show", "--json", "--all-commits"]
+    out = subprocess.run(cmd, cwd=cwd or repo_root(), capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"`dvc exp show --json` failed ({out.returncode}):\n{out.stderr}")
+    return json.loads(out.stdout)
+
+
+def with_mlflow_metrics(rows: Sequence[Row], uri: str | None = None) -> list[Row]:
+    """Rows whose eval.json is missing, completed from their `report` stage's MLflow run.
+
+    A queued experiment's commit holds its params and dvc.lock but not its metrics: ``data/`` is
+    git-ignored and the metrics are ``cache: false`` outputs, so ``dvc exp show`` lists the
+    experiment without numbers. Its report stage logged the same eval.json keys to MLflow,
+    tagged ``kd.dvc_exp`` with the experiment's name (kd/core/tracking.py); the newest such run is
+    used. Without a reachable tracking backend the rows stay as they are.
+    """
+    missing = {r.name for r in rows if r.metrics is None and r.name and r.error is None}
+    if not missing:
+        return list(rows)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri or tracking_uri())
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        runs = client.search_runs(
+            [exp.experiment_id], "tags.`kd.stage` = 'report'",
+            order_by=["attributes.start_time DESC"],
+        ) if exp else []
+    except Exception as err:  # noqa: BLE001 - any backend failure leaves the rows as they were
+        print(f"MLflow unreachable ({err}); experiments without eval.json stay without numbers")
+        return list(rows)
+    found: dict[str, dict] = {}
+    for run in runs:
+        name = run.data.tags.get("kd.dvc_exp")
+        if name in missing and name not in found and run.info.status == "FINISHED":
+            found[name] = dict(run.data.metrics)
+    return [replace(r, metrics=found[r.name]) if r.metrics is None and r.name in found else r
+            for r in rows]
+
+
+# --- which rows count ------------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    rows: list[Row]  # one per seed, by seed
+    reference: Row  # the workspace: the experiment being repeated
+    notes: list[str]  # why each other row was skipped, which duplicates were dropped
+
+
+def _differs(params: Mapping, reference: Mapping) -> list[str]:
+    keys = (set(params) | set(reference)) - {SEED_KEY}
+    return sorted(k for k in keys if params.get(k, "<absent>") != reference.get(k, "<absent>"))
+
+
+def _skip_reason(row: Row, reference: Row) -> str | None:
+    if row.error:
+        return f"failed ({row.error})"
+    if row.state in ("queued", "running", "failed"):
+        return row.state
+    if not row.metrics:
+        return "no eval.json in its metrics (not run?)"
+    if row.seed is None:
+        return f"no {SEED_KEY} in its params"
+    diff = _differs(row.params, reference.params)
+    if diff:
+        shown = ", ".join(
+            f"{k}={row.params.get(k, '<absent>')!r} (workspace {reference.params.get(k, '<absent>')!r})"
+            for k in diff[:3]
+        )
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        return f"params differ beyond {SEED_KEY}: {shown}{more}"
+    return None
+
+
+def select(rows: Sequence[Row], min_seeds: int = 2) -> Selection:
+    """The rows that repeat the workspace's experiment, one per seed (module docstring)."""
+    if not rows:
+        raise SystemExit("`dvc exp show --json` listed no rows: is this a DVC repository?")
+    reference = next((r for r in rows if r.rev == "workspace"), rows[0])
+    notes: list[str] = []
+    by_seed: dict[object, list[Row]] = {}
+    for row in rows:
+        reason = _skip_reason(row, reference)
+        if reason:
+            notes.append(f"skipped {row.label} (seed {row.seed}): {reason}")
+        else:
+            by_seed.setdefault(row.seed, []).append(row)
+    kept = []
+    for seed, group in by_seed.items():
+        # The workspace first, then newest first (ISO timestamps sort as strings).
+        group = sorted(group, key=lambda r: (r.rev == "workspace", r.timestamp or ""), reverse=True)
+        kept.append(group[0])
+        if len(group) > 1:
+            why = "the workspace's" if group[0].rev == "workspace" else "the newest"
+            dropped = ", ".join(r.label for r in group[1:])
+            notes.append(
+                f"seed {seed} ran {len(group)} times with the same params: kept {why} "
+                f"({group[0].label}), skipped {dropped}"
+            )
+    kept.sort(key=lambda r: r.seed)
+    if len(kept) < min_seeds:
+        listed = "\n".join(f"  {n}" for n in notes) or "  (no other rows)"
+        raise SystemExit(
+            f"{len(kept)} seed(s) of this experiment found, at least {min_seeds} needed. "
+            f"Queue more with `{QUEUE_HINT}`, then rerun `python -m kd.report.seeds`.\n{listed}"
+        )
+    return Selection(kept, reference, notes)
+
+
+# --- statistics (pure) -----------------------------------------------------------------------
+
+
+def _number(v) -> float | None:
+    # bool is an int, but a True in a metrics file is a finding, not a measurement.
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else None
+
+
+def _finite(values: Iterable) -> list[float]:
+    return [x for x in map(_number, values) if x is not None]
+
+
+def summarize(values: Iterable, level: float = LEVEL) -> dict:
+    """n, mean, sample sd and the Student's t interval mean ± t_{(1+level)/2, n-1}·sd/√n."""
+    x = _finite(values)
+    n = len(x)
+    out = {"n": n, "mean": None, "sd": None, "half_width": None, "ci_low": None, "ci_high": None}
+    if n == 0:
+        return out
+    mean = sum(x) / n
+    out["mean"] = mean
+    if n < 2:
+        return out
+    sd = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1))
+    half = float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+    out.update(sd=sd, half_width=half, ci_low=mean - half, ci_high=mean + half)
+    return out
+
+
+def paired(base: Sequence, other: Sequence, level: float = LEVEL) -> dict:
+    """``summarize`` of the per-seed differences other − base, plus the paired t-test's t and
+    two-sided p; seeds where either value is missing are left out."""
+    both = [(_number(a), _number(b)) for a, b in zip(base, other, strict=True)]
+    pairs = [(a, b) for a, b in both if a is not None and b is not None]
+    diffs = [b - a for a, b in pairs]
+    out = {**summarize(diffs, level), "diffs": diffs, "t": None, "p": None}
+    if len(pairs) >= 2 and out["sd"]:
+        test = stats.ttest_rel([b for _, b in pairs], [a for a, _ in pairs])
+        out.update(t=float(test.statistic), p=float(test.pvalue))
+    return out
+
+
+def verdict(ci_low: float | None, ci_high: float | None, lower: bool) -> str:
+    """Is the difference (other − base) on the claimed side of 0: below it when ``lower``?"""
+    if ci_low is None or ci_high is None:
+        return UNCLEAR
+    below, above = ci_high < 0, ci_low > 0
+    if below or above:
+        return HOLDS if below == lower else REVERSED
+    return UNCLEAR
+
+
+# --- per-arm values and the aggregate ----------------------------------------------------------
+
+
+def arm_names(rows: Sequence[Row], params: Mapping) -> list[str]:
+    """Arms with ``arms/<arm>/...`` keys in any row; loss.arms' order first."""
+    found = {k.split("/")[1] for r in rows for k in r.metrics if k.startswith("arms/")}
+    listed = [a for a in params.get("loss.arms") or [] if a in found]
+    return listed + sorted(found - set(listed))
+
+
+def metric_names(rows: Sequence[Row], arm: str) -> list[str]:
+    prefix = f"arms/{arm}/"
+    probes = {
+        k.removeprefix(prefix)
+        for r in rows
+        for k in r.metrics
+        if k.startswith(prefix + PROBE_PREFIX)
+    }
+    return [*HEADLINE, *sorted(probes)]
+
+
+def logit_only(arm: str, params: Mapping) -> bool:
+    """Is ``logit`` the arm's one non-zero loss term (module docstring)?"""
+    prefix = f"loss.schemes.{arm}.terms."
+    terms = {k.removeprefix(prefix) for k, w in params.items() if k.startswith(prefix) and w}
+    if not terms:
+        return arm == "logit"  # the params do not describe it: go by the default arm's name
+    return terms == {"logit"}
+
+
+def arm_pairs(arms: Sequence[str], params: Mapping) -> list[tuple[str, str]]:
+    """(logit-only arm, other arm) for every other arm that is not logit-only."""
+    base = [a for a in arms if logit_only(a, params)]
+    return [(b, o) for b in base for o in arms if o not in base]
+
+
+def aggregate(selection: Selection, level: float = LEVEL) -> dict:
+    """Everything seeds.json holds."""
+    rows, params = selection.rows, selection.reference.params
+    arms = arm_names(rows, params)
+
+    def values(arm: str, key: str) -> list:
+        return [r.metrics.get(f"arms/{arm}/{key}") for r in rows]
+
+    per_arm = {
+        arm: {
+            key: {**summarize(values(arm, key), level), "values": values(arm, key)}
+            for key in metric_names(rows, arm)
+        }
+        for arm in arms
+    }
+    pairs = {}
+    for base, other in arm_pairs(arms, params):
+        keys = [k for k in per_arm[other] if k in per_arm[base]]
+        diffs = {k: paired(values(base, k), values(other, k), level) for k in keys}
+        claims = {
+            key: {
+                "claim": f"{other} has a {what} than {base}",
+                "lower": lower,
+                "verdict": verdict(diffs[key]["ci_low"], diffs[key]["ci_high"], lower),
+            }
+            for key, lower, what in CLAIMS
+            if key in diffs
+        }
+        pairs[f"{other}_vs_{base}"] = {
+            "base": base,
+            "other": other,
+            "difference": f"{other} - {base}",
+            "metrics": diffs,
+            "claims": claims,
+        }
+    n = len(rows)
+    return {
+        "level": level,
+        "t_factor": float(stats.t.ppf((1 + level) / 2, n - 1)),
+        "seeds": [r.seed for r in rows],
+        "runs": [
+            {
+                "seed": r.seed,
+                "label": r.label,
+                "name": r.name,
+                "rev": r.rev,
+                "timestamp": r.timestamp,
+            }
+            for r in rows
+        ],
+        "notes": selection.notes,
+        "arms": per_arm,
+        "pairs": pairs,
+    }
+
+
+# --- seeds.md --------------------------------------------------------------------------------
+
+
+def _pm(s: Mapping) -> str:
+    if s["half_width"] is None:
+        return fmt(s["mean"])
+    return f"{fmt(s['mean'])} ± {fmt(s['half_width'])}"
+
+
+def _ci(s: Mapping) -> str:
+    if s["ci_low"] is None:
+        return f"n = {s['n']}, no interval"
+    return f"95% CI [{fmt(s['ci_low'])}, {fmt(s['ci_high'])}]"
+
+
+def markdown(result: Mapping) -> str:
+    n, t = len(result["seeds"]), result["t_factor"]
+    runs = ", ".join(f"{r['label']} (seed {r['seed']})" for r in result["runs"])
+    lines = [
+        f"# The experiment over {n} seeds",
+        "",
+        f"Runs: {runs}. Each cell is mean ± the 95% confidence interval's half-width, "
+        f"t_{{0.975,{n - 1}}} · sd / √{n} with t = {t:.3f} (Student's t).",
+        "",
+    ]
+    if n < 5:
+        lines += [
+            f"With {n} seeds the interval is {t / math.sqrt(n):.1f} × sd wide on each side: only "
+            "a difference that barely moves between seeds can be told apart from 0, so "
+            f'"{UNCLEAR}" is often the honest answer. Queue more seeds to narrow it '
+            f"(`{QUEUE_HINT.replace('1,2', '3,4')}`).",
+            "",
+        ]
+    for arm, metrics in result["arms"].items():
+        lines += [f"## {arm}", "", "| metric | mean ± 95% CI | sd | n |", "|---|---|---|---|"]
+        lines += [f"| {k} | {_pm(s)} | {fmt(s['sd'])} | {s['n']} |" for k, s in metrics.items()]
+        lines.append("")
+    for pair in result["pairs"].values():
+        claims = pair["claims"]
+        lines += [
+            f"## {pair['other']} − {pair['base']}, paired by seed",
+            "",
+            "| metric | mean difference ± 95% CI | p (paired t) | n | claim | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for key, s in pair["metrics"].items():
+            c = claims.get(key)
+            claim = ("lower" if c["lower"] else "higher") if c else ""
+            judged = f"**{c['verdict']}**" if c else ""
+            lines.append(f"| {key} | {_pm(s)} | {fmt(s['p'])} | {s['n']} | {claim} | {judged} |")
+        lines.append("")
+        for key, c in claims.items():
+            s = pair["metrics"][key]
+            lines.append(
+                f"- The seed report's claim that {c['claim']}: **{c['verdict']}** "
+                f"(difference {fmt(s['mean'])}, {_ci(s)}, p = {fmt(s['p'])})."
+            )
+        lines.append("")
+    if result["notes"]:
+        lines += ["## Rows left out", "", *(f"- {note}" for note in result["notes"]), ""]
+    return "\n".join(lines)
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def _mlflow_metrics(result: Mapping) -> dict[str, float]:
+    out = {}
+    for arm, metrics in result["arms"].items():
+        for key, s in metrics.items():
+            out.update({f"seeds/{arm}/{key}/{f}": s[f] for f in ("mean", "ci_low", "ci_high")})
+    for name, pair in result["pairs"].items():
+        for key, s in pair["metrics"].items():
+            out.update(
+                {f"seeds/{name}/{key}/{f}": s[f] for f in ("mean", "ci_low", "ci_high", "p")}
+            )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m kd.report.seeds",
+        description="Aggregate the workspace's experiment over the seeds DVC has run "
+        f"(queue them with `{QUEUE_HINT}`).",
+    )
+    parser.add_argument("--out", type=Path, default=Path("data/seeds"), help="output folder")
+    parser.add_argument(
+        "--json", type=Path, help="read a saved `dvc exp show --json` instead of running it"
+    )
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log a `seeds` run")
+    args = parser.parse_args(argv)
+
+    tree = json.loads(args.json.read_text()) if args.json else exp_show()
+    selection = select(with_mlflow_metrics(parse_rows(tree)))
+    for note in selection.notes:
+        print(note)
+    result = aggregate(selection)
+    text = markdown(result)
+    write_json(args.out / "seeds.json", result)
+    with atomic_file(args.out / "seeds.md") as f:
+        f.write(text)
+    print(text)
+    with start_run(
+        "seeds",
+        params={"seeds": result["seeds"], "runs": [r["label"] for r in result["runs"]]},
+        enabled=not args.no_mlflow,
+    ) as run:
+        # One aggregate, no curve: step 0.
+        run.log_metrics(_mlflow_metrics(result), step=0)
+        run.log_artifact(args.out / "seeds.md")
+        run.log_artifact(args.out / "seeds.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""The distillation loop, shared by every arm: the scheme decides the terms, nothing else differs.
+
+Each step: a batch of packed blocks in a seeded order, fresh MLM masks, the teacher's targets,
+the student's terms, backward, per-layer gradient norms (before clipping), clip, AdamW, schedule.
+The randomness of step ``k`` (batch order, masks) is a pure function of (seed, k), and dropout's
+RNG state is checkpointed, so a resumed run replays exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from kd.core import optim
+from kd.core.dist import SINGLE, Dist
+from kd.core.dist import mean as dist_mean
+from kd.core.params import Train
+from kd.core.runtime import autocast, use_training_attention
+from kd.data.masking import mask_tokens
+from kd.distill.distiller import Distiller
+from kd.training import attribution, checkpoint
+from kd.training.dropout import use_fast_dropout
+from kd.training.gradnorm import grad_norms, layer_groups
+
+
+class NonFiniteLoss(SystemExit):
+    pass
+
+
+def steps_per_epoch(n_blocks: int, batch_size: int) -> int:
+    if n_blocks < batch_size:
+        raise SystemExit(
+            f"the train split has {n_blocks} blocks, fewer than train.batch_size={batch_size}: "
+            "sample more documents or lower the batch size"
+        )
+    return n_blocks // batch_size  # drop the ragged tail: every step sees a full batch
+
+
+def total_steps(cfg: Train, n_blocks: int) -> int:
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(n_blocks, cfg.batch_size)))
+
+
+def split_batch(batch_size: int, world: int, micro_batch_size: int | None) -> tuple[int, int, int]:
+    """(rows per rank, rows per micro-batch, micro-batches per step) for a global batch.
+
+    The global batch is a param; the world size is not, so the same params give the same
+    optimisation on 1 process or 8, with gradient accumulation making up the difference.
+    """
+    if batch_size % world:
+        raise SystemExit(
+            f"train.batch_size={batch_size} cannot be split evenly over {world} processes: "
+            "make it a multiple of the process count"
+        )
+    share = batch_size // world
+    micro = micro_batch_size or share
+    if share % micro:
+        raise SystemExit(
+            f"each of the {world} processes gets {share} rows per step, which "
+            f"train.micro_batch_size={micro} does not divide: pick a divisor of {share}"
+        )
+    return share, micro, share // micro
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    # Distinct, reproducible streams per step; large odd multiplier keeps (seed, step) pairs apart.
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def batch_indices(n_blocks: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The blocks of global step ``step``: a fresh seeded permutation every epoch."""
+    per_epoch = steps_per_epoch(n_blocks, batch_size)
+    epoch, k = divmod(step, per_epoch)
+    order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return order[k * batch_size : (k + 1) * batch_size].tolist()
+
+
+@dataclass(frozen=True)
+class Masking:
+    """How a batch's MLM inputs are made: the tokenize stage's fixed masks, or fresh ones."""
+
+    mode: str  # "static" | "dynamic"
+    mask_token_id: int
+    vocab_size: int
+    probability: float
+
+
+def make_batch(
+    ds: Dataset, indices: list[int], masking: Masking, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    rows = ds[indices]
+    batch = {"attention_mask": torch.as_tensor(rows["attention_mask"], dtype=torch.long)}
+    if masking.mode == "static":
+        batch["input_ids"] = torch.as_tensor(rows["mlm_input_ids"], dtype=torch.long)
+        batch["labels"] = torch.as_tensor(rows["mlm_labels"], dtype=torch.long)
+    else:
+        batch["input_ids"], batch["labels"] = mask_tokens(
+            torch.as_tensor(rows["input_ids"], dtype=torch.long),
+            torch.as_tensor(rows["special_tokens_mask"]),
+            masking.mask_token_id,
+            masking.vocab_size,
+            masking.probability,
+            gen,
+        )
+    return batch
+
+
+@dataclass
+class Result:
+    rows: list[dict[str, float]] = field(default_factory=list)
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Set every ``nn.Dropout`` of ``model`` to probability ``p``; returns how many there are.
+
+    BERT's dropouts (embeddings, attention probabilities, each sublayer's output) are all
+    ``nn.Dropout`` modules, and its attention functions read their ``p``, so this covers every
+    one. Only the modules change: the model's saved config keeps its own rates, so a student
+    fine-tuned later gets the dropout its architecture defines.
+    """
+    modules = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    for m in modules:
+        m.p = p
+    return len(modules)
+
+
+class Stepper:
+    """One optimisation step of an arm: forward, backward, gradient norms, clip, AdamW, schedule.
+
+    The training loop and the benchmark (kd/bench/bench.py) both drive this, so what is timed is what
+    trains. ``step`` takes the *global* batch; under DDP each rank slices its share and
+    accumulates micro-batches, so the optimisation does not depend on the process count.
+    """
+
+    def __init__(self, distiller: Distiller, teacher: nn.Module, cfg: Train, n_steps: int,
+                 precision: str, device: torch.device, dist: Dist = SINGLE,
+                 forward: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                 attention: str = "auto"):
+        # ``forward`` replaces the distiller's own forward (the benchmark's naive row uses it,
+        # with its own eager models); ``attention`` is base.attention, for the student only.
+        self.distiller, self.teacher, self.cfg = distiller, teacher, cfg
+        self.precision, self.device, self.dist = precision, device, dist
+        if forward is None:
+            use_training_attention(distiller.student, attention, device)
+            # Cheaper dropout masks on the CPU (kd/training/dropout.py); the naive benchmark row keeps
+            # torch's, as the common toolkits do.
+            use_fast_dropout(distiller.student, device)
+        if cfg.dropout is not None:
+            set_dropout(distiller.student, cfg.dropout)
+        distiller.to(device).train()
+        teacher.to(device).eval()
+        self.opt = optim.adamw(distiller, cfg.lr, cfg.weight_decay)
+        self.sched = get_linear_schedule_with_warmup(
+            self.opt, min(cfg.warmup_steps, n_steps), n_steps
+        )
+        self.n_steps = n_steps
+        self.groups = layer_groups(distiller.student, distiller.extra_groups())
+        self.params = [p for g in self.groups.values() for p in g]
+        self.share, self.micro, self.accum = split_batch(cfg.batch_size, dist.world,
+                                                         cfg.micro_batch_size)
+        self.model = distiller
+        if dist.active:
+            # Unused parameters exist only when a scheme skips the head (no logit term).
+            self.model = DistributedDataParallel(
+                distiller, find_unused_parameters="logit" not in distiller.terms
+            )
+        self.forward = forward or (lambda mb: self.model(mb, self.teacher))
+
+    def terms(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The unweighted terms at the current weights, dropout off, no update."""
+        self.distiller.eval()
+        try:
+            with torch.no_grad(), autocast(self.device, self.precision):
+                return {k: float(v) for k, v in self.forward(batch).items()}
+        finally:
+            self.distiller.train()
+
+    def attributes(self, step: int) -> bool:
+        """Whether 0-based ``step`` also takes each term's own gradient (kd/training/attribution.py)."""
+        every = self.cfg.attribution_every
+        return bool(every) and (step + 1) % every == 0 and len(self.distiller.terms) > 1
+
+    def step(self, full: dict[str, torch.Tensor], step: int = 0) -> tuple[dict, dict]:
+        """Train on one global batch; returns (loss values, gradient norms), rank-averaged.
+
+        At attribution steps the norms also hold each term's own gradient norms per layer and
+        the cosines between terms (``attr/...``), from this rank's share of the batch.
+        """
+        dist, distiller = self.dist, self.distiller
+        distiller.set_progress(step, self.n_steps)  # scheduled temperature and weights
+        self.opt.zero_grad(set_to_none=True)
+        acc: dict[str, torch.Tensor] = {}
+        attributing, per_term = self.attributes(step), None
+        for m in range(self.accum):
+            lo = dist.rank * self.share + m * self.micro
+            mb = {k: v[lo : lo + self.micro].to(self.device, non_blocking=True)
+                  for k, v in full.items()}
+            last = m == self.accum - 1
+            # Gradients are all-reduced once per step, on the last micro-batch.
+            sync = self.model.no_sync() if dist.active and not last else contextlib.nullcontext()
+            with sync:
+                with autocast(self.device, self.precision):
+                    terms = self.forward(mb)
+                loss = distiller.total(terms)
+                if attributing:
+                    per_term = attribution.accumulate(
+                        per_term,
+                        attribution.term_gradients(terms, distiller.terms, self.params),
+                        1 / self.accum,
+                    )
+                (loss / self.accum).backward()
+            for k, v in {**terms, "total": loss}.items():
+                acc[k] = acc.get(k, 0.0) + v.detach() / self.accum
+        # One host sync for all terms.
+        keys = list(acc)
+        vals = torch.stack([acc[k].float() for k in keys]).tolist()
+        values = dist_mean({f"loss/{k}": v for k, v in zip(keys, vals, strict=True)}, dist,
+                           self.device)
+        if not all(math.isfinite(v) for v in values.values()):
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            raise NonFiniteLoss(
+                f"the loss became non-finite at step {step} (terms: {', '.join(bad)}); the "
+                "weights were not updated and the last checkpoint is kept. Lower train.lr, "
+                "raise train.warmup_steps, or try base.precision: fp32"
+            )
+        norms = {f"grad_norm/{k}": v for k, v in grad_norms(self.groups).items()}
+        if per_term is not None:
+            norms.update(attribution.summarize(per_term, self.params, self.groups))
+        clipped = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        norms["grad_norm/clipped"] = min(float(clipped), self.cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        return values, norms
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+
+def train(
+    distiller: Distiller,
+    teacher: nn.Module,
+    ds: Dataset,
+    cfg: Train,
+    *,
+    seed: int,
+    precision: str,
+    device: torch.device,
+    masking: Masking,
+    attention: str = "auto",
+    run,
+    ckpt_dir,
+    fingerprint: str,
+    resume: dict | None = None,
+    dist: Dist = SINGLE,
+) -> Result:
+    n_steps = total_steps(cfg, len(ds))
+    stepper = Stepper(distiller, teacher, cfg, n_steps, precision, device, dist,
+                      attention=attention)
+    result = Result()
+    sums: dict[str, float] = {}
+    start, elapsed, tokens = 0, 0.0, 0
+    if resume is not None:
+        distiller.load_state_dict(resume["distiller"])
+        stepper.load_state_dict(resume)
+        torch.set_rng_state(resume["rng_cpu"])
+        if device.type == "cuda" and resume.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(resume["rng_cuda"])
+        start, elapsed, tokens = resume["step"], resume["seconds"], resume["tokens"]
+        result.rows, sums = resume["rows"], resume["sums"]
+        print(f"resuming from step {start} of {n_steps}")
+
+    def save_checkpoint(step: int) -> None:
+        if not dist.main:
+            return
+        checkpoint.save(
+            ckpt_dir,
+            {
+                "fingerprint": fingerprint,
+                "step": step,
+                "seconds": elapsed,
+                "tokens": tokens,
+                "rows": result.rows,
+                "sums": sums,
+                "distiller": distiller.state_dict(),
+                **stepper.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                "mlflow_run_id": run.run_id,
+            },
+        )
+
+    bar = tqdm(total=n_steps, initial=start, desc="distil", unit="step", mininterval=5,
+               disable=not dist.main)
+    step = start
+    try:
+        while step < n_steps:
+            t0 = time.perf_counter()
+            gen = step_generator(seed, step)
+            idx = batch_indices(len(ds), cfg.batch_size, seed, step)
+            # The whole global batch is built (and masked) on every rank, then sliced: a row's
+            # masks never depend on how many processes share the batch.
+            full = make_batch(ds, idx, masking, gen)
+            values, norms = stepper.step(full, step)
+            step += 1
+            elapsed += time.perf_counter() - t0
+            tokens += int(full["attention_mask"].sum())
+            for k, v in {**values, **norms}.items():
+                # attr/ values exist only at attribution steps: averaged over those (below).
+                sums[k] = sums.get(k, 0.0) + v
+            if step % cfg.log_every == 0 or step == n_steps:
+                row = {
+                    "step": step,
+                    "tokens": tokens,
+                    "seconds": round(elapsed, 3),
+                    "lr": stepper.sched.get_last_lr()[0],
+                    **values,
+                    **norms,
+                }
+                result.rows.append(row)
+                run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+                bar.set_postfix(loss=f"{values['loss/total']:.3f}")
+            if step % cfg.checkpoint_every == 0 and step < n_steps:
+                save_checkpoint(step)
+            bar.update(1)
+    except KeyboardInterrupt:
+        save_checkpoint(step)
+        bar.close()
+        raise SystemExit(
+            f"interrupted at step {step}: checkpoint saved in {ckpt_dir}; rerun the stage "
+            "(`dvc repro`) to resume"
+        ) from None
+    bar.close()
+    n_attr = sum(stepper.attributes(s) for s in range(step))
+    result.summary = {
+        "steps": step,
+        "epochs": step * cfg.batch_size / len(ds),
+        "tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed if elapsed else 0.0,
+        "sequences_per_s": step * cfg.batch_size / elapsed if elapsed else 0.0,
+        **{f"mean/{k}": v / max(step, 1) for k, v in sums.items()
+           if not k.startswith(attribution.PREFIX)},
+        **{f"mean/{k}": v / max(n_attr, 1) for k, v in sums.items() if k.startswith(attribution.PREFIX)},
+        "attribution_steps": n_attr,
+        **{f"final/{k}": v for k, v in result.rows[-1].items() if k.startswith("loss/")},
+    }
+    return result
