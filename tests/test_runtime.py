@@ -85,27 +85,38 @@ def test_train_dropout_sets_every_dropout_of_the_student_only_and_not_its_config
         Train(dropout=1.0)
 
 
-def test_freed_memory_stays_in_the_process_so_reuse_faults_less() -> None:
-    # mallopt is process-wide: measure in fresh interpreters. A step-like pattern (a 16 MiB and
-    # a 40 MiB temporary, freed, then needed again) faults both back in by default; with memory
-    # kept, the 16 MiB block is reused from the heap (blocks over 32 MiB are still mmapped).
+def test_freed_memory_stays_in_the_process() -> None:
+    # mallopt is process-wide: measure in fresh interpreters. glibc's own accounting (mallinfo2)
+    # says where a 16 MiB tensor came from and what freeing it gave back, so this counts bytes,
+    # not page faults (which depend on what else the machine does; the speed-up itself is
+    # measured by the benchmark). By default the block is mmapped and unmapped on free; with
+    # memory kept it comes from the heap, and the heap keeps it once freed.
     import subprocess
     import sys
 
     code = (
-        "import resource, sys, torch\n"
+        "import ctypes, sys, torch\n"
         "from kd.core.runtime import keep_freed_memory\n"
+        "fields = ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks',\n"
+        "          'uordblks', 'fordblks', 'keepcost')\n"
+        "class Info(ctypes.Structure): _fields_ = [(f, ctypes.c_size_t) for f in fields]\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "if not hasattr(libc, 'mallinfo2'): print('none'); sys.exit()\n"
+        "libc.mallinfo2.restype = Info\n"
         "kept = keep_freed_memory() if sys.argv[1] == '1' else None\n"
-        "def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "for _ in range(3):\n"
-        "    before = faults(); x, y = torch.ones(4 << 20), torch.ones(10 << 20); del x, y\n"
-        "print(kept, faults() - before)\n"
+        "b = libc.mallinfo2(); x = torch.ones(4 << 20); d = libc.mallinfo2(); del x\n"
+        "a = libc.mallinfo2()\n"
+        "print(kept, d.hblkhd - b.hblkhd, a.fordblks - b.fordblks)\n"
     )
-    faults = {}
+    got = {}
     for keep in ("0", "1"):
         out = subprocess.run([sys.executable, "-c", code, keep], capture_output=True, text=True,
                              check=True).stdout.split()
-        faults[keep] = int(out[1])
-        if keep == "1" and out[0] != "True":
-            pytest.skip("not glibc: mallopt is unavailable and nothing is changed")
-    assert faults["0"] - faults["1"] > 3000, faults  # the 16 MiB block's 4096 pages
+        if out == ["none"] or (keep == "1" and out[0] != "True"):
+            pytest.skip("not glibc 2.33+: mallopt/mallinfo2 are unavailable, nothing is changed")
+        got[keep] = (int(out[1]), int(out[2]))
+    block = 16 << 20
+    mmapped, freed_kept = got["0"]
+    assert mmapped >= block, got  # the default: its own mapping, returned to the kernel on free
+    mmapped, freed_kept = got["1"]
+    assert mmapped == 0 and freed_kept >= block, got  # kept: from the heap, and kept there
