@@ -15,10 +15,9 @@ import pandas as pd
 import torch
 from transformers import AutoModelForMaskedLM
 
-from kd.core import arms, tracking
+from kd.core import arms, runtime, tracking
 from kd.core.io import atomic_file, write_json
 from kd.core.params import load_params
-from kd.core.runtime import setup
 from kd.data import tokens
 from kd.distill.distiller import Projections
 from kd.evaluation.evaluate import Judge, evaluate, summarize
@@ -53,7 +52,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_stage(p, out: arms.Outputs, scheme) -> None:
     """Score ``out.student`` (trained with ``scheme``; None for the floor) into ``out``'s files."""
-    device, _ = setup(p.base)
+    # Nothing here draws a random number: no seed, so evaluate never depends on base.seed.
+    runtime.configure(p.base.threads)
+    device = runtime.pick_device(p.base)
     name, model_dir = out.name, out.student
     judge = Judge() if scheme is None else Judge.of(scheme)
     if not model_dir.exists():
@@ -67,10 +68,12 @@ def run_stage(p, out: arms.Outputs, scheme) -> None:
             model_dir / "projections.pt", student.config.hidden_size, teacher.config.hidden_size
         )
 
+    rt = runtime.record(device, p.base.precision, student.config._attn_implementation)
     with tracking.start_run(
         "evaluate",
         params={"evaluate": p.evaluate.model_dump(), "judge": vars(judge)},
         arm=name,
+        runtime=rt,
     ) as run:
         result = evaluate(
             teacher,
@@ -94,8 +97,9 @@ def run_stage(p, out: arms.Outputs, scheme) -> None:
             **summarize(result.rows),
             "layer_map": result.layer_map,
             "lstsq/fit_tokens": result.fit_tokens,
-            "temperature": judge.temperature,
-            "logit_positions": judge.logit_positions,
+            "train_temperature": judge.temperature,
+            "logit_positions": "masked",
+            "runtime": rt,
         }
         write_json(out.eval_json, summary)
         # Per-batch curves, one per split and metric, with the batch index as the step.
@@ -117,7 +121,7 @@ def run_stage(p, out: arms.Outputs, scheme) -> None:
         )
         run.log_artifact(out.eval_csv)
     print(
-        f"{name}: test logit KL {summary['test/logit_kl']:.4f} (T=1 {summary['test/logit_kl_t1']:.4f}), "
+        f"{name}: test logit KL (T=1) {summary['test/logit_kl_t1']:.4f}, "
         f"masked top-1 {summary['test/mlm_top1']:.3f}, agreement {summary['test/agreement']:.3f}"
     )
 

@@ -27,9 +27,11 @@ def main() -> None:
             file=sys.stderr,
         )
     print(f"teacher '{p.teacher.source}': MLM head {'present' if has_head else 'missing'}")
-    with tracking.start_run("prepare_teacher", params=p.teacher.model_dump()) as run:
+    attention = runtime.attention_implementation(p.base.attention, device) if adapt else None
+    rt = runtime.record(device, p.base.precision, attention)
+    with tracking.start_run("prepare_teacher", params=p.teacher.model_dump(), runtime=rt) as run:
         run.set_tags({"kd.teacher_adapted": adapt})
-        info = {"adapt_steps": 0, "adapt_seconds": 0.0}
+        info = {"adapt_steps": 0}
         if adapt:
             info = teacher.adapt(
                 model,
@@ -50,16 +52,13 @@ def main() -> None:
             device,
             p.base.precision,
         )
-        result = {
-            **scores,
-            "adapted": adapt,
-            "adapt_steps": info["adapt_steps"],
-            "adapt_seconds": info["adapt_seconds"],
-        }
+        result = {**scores, "adapted": adapt, "adapt_steps": info["adapt_steps"]}
         with atomic_dir(p.paths.teacher) as tmp:
             teacher.save(model, tokenizer, tmp)
-        write_json(p.paths.metrics / "teacher.json", result)
+        write_json(p.paths.metrics / "teacher.json", {**result, "runtime": rt})
         run.log_metrics({f"teacher.{k}": float(v) for k, v in result.items()})
+        if adapt:  # wall time: MLflow only, never in an output DVC hashes
+            run.log_metrics({"time/adapt_seconds": info["adapt_seconds"]})
     print(
         f"teacher: masked top-1 {result['top1']:.1%}, top-5 {result['top5']:.1%}, "
         f"loss {result['mlm_loss']:.3f} on {result['masked_positions']} positions"

@@ -11,10 +11,9 @@ import argparse
 import time
 from pathlib import Path
 
-from kd.core import arms, tracking
+from kd.core import arms, runtime, tracking
 from kd.core.io import write_json
 from kd.core.params import Params, load_params
-from kd.core.runtime import setup
 from kd.probe import probe
 
 FINETUNE_LOG_EVERY = 10  # steps between fine-tune loss points in MLflow (one round trip each)
@@ -24,8 +23,10 @@ def run_stage(p: Params, name: str, model_dir: Path, stage: str, out: Path) -> N
     """Probe ``model_dir`` (written by ``stage``) and write its accuracies to ``out``."""
     if not model_dir.exists():
         raise SystemExit(f"{model_dir} is missing: run {stage} first (`dvc repro`)")
-    device, _ = setup(p.base, seed=p.probe.seed)
+    device, _ = runtime.setup(p.base, seed=p.probe.seed)
     start = time.perf_counter()
+    rt = runtime.record(device, p.base.precision,
+                        runtime.attention_implementation(p.base.attention, device))
     data, train_rows, test_rows = probe.load_split(p.probe)
     counts = [int((data.labels[test_rows] == c).sum()) for c in range(len(data.classes))]
     print(
@@ -33,7 +34,7 @@ def run_stage(p: Params, name: str, model_dir: Path, stage: str, out: Path) -> N
         f"{len(test_rows)} test texts, on {device}"
     )
     with tracking.start_run(
-        "probe", params={"probe": p.probe.model_dump(mode="json")}, arm=name
+        "probe", params={"probe": p.probe.model_dump(mode="json")}, arm=name, runtime=rt
     ) as run:
         result, losses = probe.probe_model(
             model_dir, data, train_rows, test_rows, p.probe, device, p.base.precision,
@@ -41,7 +42,6 @@ def run_stage(p: Params, name: str, model_dir: Path, stage: str, out: Path) -> N
         )
         summary = {
             **result,
-            "seconds": time.perf_counter() - start,
             "dataset": p.probe.source,
             "classes": ",".join(data.classes),
             "n_classes": len(data.classes),
@@ -49,16 +49,19 @@ def run_stage(p: Params, name: str, model_dir: Path, stage: str, out: Path) -> N
             "n_test": len(test_rows),
             # The accuracy of always answering the commonest class: the floor of any probe.
             "majority_acc": max(counts) / len(test_rows),
+            "runtime": rt,
         }
         write_json(out, summary)
+        seconds = time.perf_counter() - start  # MLflow and the console only
         for step, loss in enumerate(losses, 1):
             if step % FINETUNE_LOG_EVERY == 0 or step == len(losses):
                 run.log_metrics({"finetune_loss": loss}, step=step)
         run.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        run.log_metrics({"time/seconds": seconds})
     ft = result["finetune_acc"]
     print(
         f"  {name}: linear probe {result['linear_acc']:.3f}, fine-tune "
-        f"{'–' if ft is None else f'{ft:.3f}'} ({summary['seconds']:.0f} s)"
+        f"{'–' if ft is None else f'{ft:.3f}'} ({seconds:.0f} s)"
     )
 
 

@@ -1,11 +1,11 @@
-"""report: the headline metrics, the figures and report.md, and the distilled model's export."""
+"""report: the headline metrics, the comparison, the figures and report.md, and the export."""
 
 from __future__ import annotations
 
 import math
 
 from kd.core import arms as kd_arms
-from kd.core import tracking
+from kd.core import runtime, tracking
 from kd.core.io import atomic_dir, write_json
 from kd.core.params import load_params
 from kd.report import report
@@ -13,11 +13,12 @@ from kd.report import report
 
 def main() -> None:
     p = load_params()
+    runtime.configure()
     compared, floor_out = kd_arms.compared(p), kd_arms.of_floor(p)
     arms = [report.load_arm(o, p.loss.schemes[o.name]) for o in compared]
     floor = report.load_arm(floor_out, None) if floor_out.eval_json.exists() else None
     headline = p.loss.scheme
-    summary = report.eval_metrics(arms, headline, floor)
+    summary = report.comparison(arms, headline, floor)
     probes = {
         kd_arms.TEACHER: kd_arms.teacher_probe_json(p),
         kd_arms.FLOOR: floor_out.probe_json,
@@ -30,16 +31,19 @@ def main() -> None:
         kd_arms.FLOOR,
     )
     summary.update(probe_keys)
+    head = report.headline_metrics(summary, next(a for a in arms if a.name == headline))
 
     with tracking.start_run(
-        "report", params={"loss.scheme": headline, "loss.arms": ",".join(p.loss.arms)}
+        "report", params={"loss.scheme": headline, "loss.arms": ",".join(p.loss.arms)},
+        runtime=runtime.record(),
     ) as run:
         with atomic_dir(p.paths.report) as tmp:
             figs = report.figures(arms, tmp)
             md = report.markdown(arms, headline, figs, floor)
             (tmp / "report.md").write_text(md + "\n".join(probe_md))
         report.export(kd_arms.headline(p).student, p.paths.distilled)
-        write_json(p.paths.metrics / "eval.json", summary)
+        write_json(p.paths.metrics / "comparison.json", summary)
+        write_json(p.paths.metrics / "eval.json", head)
         run.log_metrics(
             {
                 k: float(v)
@@ -49,7 +53,7 @@ def main() -> None:
         )
         run.log_artifacts(p.paths.report, "report")
     print(
-        f"headline {headline}: test logit KL {report.fmt(summary['test/logit_kl'])}; "
+        f"headline {headline}: test logit KL {report.fmt(head['test/logit_kl_t1'])}; "
         f"report in {p.paths.report / 'report.md'}, model in {p.paths.distilled}"
     )
 

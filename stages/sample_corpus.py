@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kd.core import tracking
+from kd.core import runtime, tracking
 from kd.core.io import atomic_dir, write_json
 from kd.core.params import load_params
 from kd.data import corpus
@@ -10,13 +10,14 @@ from kd.data import corpus
 
 def main() -> None:
     p = load_params()
-    with tracking.start_run("sample_corpus", params=p.corpus.model_dump()) as run:
+    rt = runtime.record()
+    with tracking.start_run("sample_corpus", params=p.corpus.model_dump(), runtime=rt) as run:
         splits = corpus.sample(p.corpus, p.corpus.seed)
         with atomic_dir(p.paths.corpus) as tmp:
             for name, docs in splits.items():
                 corpus.write_split(tmp / f"{name}.jsonl", docs)
         stats = corpus.stats(splits)
-        write_json(p.paths.metrics / "corpus.json", stats)
+        write_json(p.paths.metrics / "corpus.json", {**stats, "runtime": rt})
         run.log_metrics({f"{s}.{k}": v for s, d in stats.items() for k, v in d.items()})
     print(f"sampled {stats['train']['docs']} train and {stats['test']['docs']} test documents")
 

@@ -8,11 +8,10 @@ import pandas as pd
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from kd.core import arms, tracking
+from kd.core import arms, runtime, tracking
 from kd.core import dist as kdist
-from kd.core.io import atomic_dir, atomic_file, read_json, write_json
+from kd.core.io import atomic_dir, atomic_file, dir_digest, read_json, write_json
 from kd.core.params import load_params
-from kd.core.runtime import setup
 from kd.data import tokens
 from kd.distill.distiller import Distiller
 from kd.models import student
@@ -33,10 +32,27 @@ def main(argv: list[str] | None = None) -> None:
             run_stage(p, out)
 
 
+def resume_fingerprint(p, arm: str, masking: Masking, init_hash: str) -> str:
+    """Everything the next step depends on: a checkpoint written under another value of any of
+    these is ignored (kd/training/checkpoint.py), never continued. The teacher's and the train
+    tokens' folders by content (every weight shard, every Arrow file), the masking by its mask
+    rate and token, the scheme, the train and base sections, and the initial student."""
+    return checkpoint.fingerprint(
+        arm,
+        p.loss.schemes[arm].model_dump(),
+        p.train.model_dump(),
+        p.base.model_dump(),
+        masking,
+        init_hash,
+        dir_digest(p.paths.teacher),
+        dir_digest(p.paths.tokens / "train"),
+    )
+
+
 def run_stage(p, out: arms.Outputs) -> None:
     arm = out.name
     scheme = p.loss.schemes[arm]
-    device, _ = setup(p.base)
+    device, _ = runtime.setup(p.base)
     dist, device = kdist.init(device)
 
     ds = tokens.load(p.paths.tokens)["train"]
@@ -51,19 +67,12 @@ def run_stage(p, out: arms.Outputs) -> None:
             f"({init_hash[:12]} != {expected[:12]}): rebuild it with `dvc repro -f init_student`"
         )
     distiller = Distiller(init, teacher, scheme)
+    masking = Masking(p.train.masking, tok.mask_token_id, len(tok), p.tokenize.mlm_probability)
+    rt = runtime.record(device, p.base.precision,
+                        runtime.attention_implementation(p.base.attention, device))
 
     ckpt_dir = p.paths.checkpoints / arm
-    fingerprint = checkpoint.fingerprint(
-        arm,
-        scheme.model_dump(),
-        p.train.model_dump(),
-        p.base.seed,
-        p.base.precision,
-        p.base.attention,
-        init_hash,
-        checkpoint.file_digest(p.paths.teacher / "model.safetensors"),
-        checkpoint.file_digest(p.paths.tokens / "train" / "dataset_info.json"),
-    )
+    fingerprint = resume_fingerprint(p, arm, masking, init_hash)
     resume = checkpoint.load(ckpt_dir, fingerprint)
     run_params = {"scheme": scheme.model_dump(), "train": p.train.model_dump(), "seed": p.base.seed}
     with tracking.start_run(
@@ -73,6 +82,7 @@ def run_stage(p, out: arms.Outputs) -> None:
         tags={"kd.scheme_terms": ",".join(scheme.active_terms), "kd.student_init_sha256": init_hash},
         run_id=resume.get("mlflow_run_id") if resume else None,
         enabled=dist.main,  # rank 0 alone logs and writes
+        runtime=rt,
     ) as run:
         result = train(
             distiller,
@@ -83,9 +93,7 @@ def run_stage(p, out: arms.Outputs) -> None:
             precision=p.base.precision,
             attention=p.base.attention,
             device=device,
-            masking=Masking(
-                p.train.masking, tok.mask_token_id, len(tok), p.tokenize.mlm_probability
-            ),
+            masking=masking,
             run=run,
             ckpt_dir=ckpt_dir,
             fingerprint=fingerprint,
@@ -95,7 +103,7 @@ def run_stage(p, out: arms.Outputs) -> None:
         if not dist.main:
             kdist.shutdown(dist)
             return
-        summary = {**result.summary, "layer_map": distiller.layer_map}
+        summary = {**result.summary, "layer_map": distiller.layer_map, "runtime": rt}
         with atomic_dir(out.student) as tmp:
             distiller.student.save_pretrained(tmp)
             tok.save_pretrained(tmp)
@@ -110,21 +118,24 @@ def run_stage(p, out: arms.Outputs) -> None:
                     "train": p.train.model_dump(),
                     "seed": p.base.seed,
                     "student_init_sha256": init_hash,
+                    "runtime": rt,
                 },
             )
         with atomic_file(out.train_csv) as f:
             pd.DataFrame(result.rows).to_csv(f, index=False)
         write_json(out.train_json, summary)
-        # Prefixed: "tokens"/"seconds" are also per-step curves, which a step-less point would join.
+        # Prefixed: "tokens" is also a per-step curve, which a step-less point would join.
         run.log_metrics(
             {f"summary/{k}": v for k, v in result.summary.items() if isinstance(v, float | int)},
             step=result.summary["steps"],
         )
+        run.log_metrics({f"time/{k}": v for k, v in result.timing.items()},
+                        step=result.summary["steps"])
         run.log_artifact(out.train_csv)
     checkpoint.remove(ckpt_dir)
     kdist.shutdown(dist)
     print(
-        f"{arm}: {summary['steps']} steps, {summary['tokens_per_s']:.0f} tokens/s, "
+        f"{arm}: {summary['steps']} steps, {result.timing['tokens_per_s']:.0f} tokens/s, "
         f"final loss {summary['final/loss/total']:.4f}"
     )
 

@@ -26,6 +26,7 @@ if str(REPO) not in sys.path:
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+from kd.core.params import TRACE_ENV as PARAMS_TRACE_ENV  # noqa: E402
 from kd.data.corpus import Document  # noqa: E402
 
 _SUBJECTS = [
@@ -89,7 +90,7 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     # A test run from inside a DVC stage must not inherit the stage's experiment identity.
-    for var in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE"):
+    for var in ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", PARAMS_TRACE_ENV):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -179,6 +180,23 @@ class GitDvcRepo:
         self.run("git", "commit", "-q", "-m", message)
         return self.run("git", "rev-parse", "HEAD").strip()
 
+    def run_queue(self, deadline_s: float = 600) -> str:
+        """``dvc queue start``, wait until nothing is queued or running, stop the workers;
+        returns the last ``dvc queue status``."""
+        import time
+
+        self.run("dvc", "queue", "start")
+        try:
+            end = time.monotonic() + deadline_s
+            while time.monotonic() < end:
+                status = self.run("dvc", "queue", "status")
+                if not any(s in status for s in ("Queued", "Running")):
+                    return status
+                time.sleep(2)
+            raise AssertionError(f"the DVC queue did not finish in {deadline_s}s:\n{status}")
+        finally:
+            self.run("dvc", "queue", "stop", timeout=60)
+
 
 def repo_env(path: Path, *importable: Path) -> dict[str, str]:
     """The environment of a user's shell in ``path``: a git identity, no tracking URI, no DVC
@@ -265,15 +283,16 @@ TINY_PIPELINE_PARAMS = {
 class TinyPipeline:
     """A git + DVC copy of this project whose whole DAG has run once on tiny assets.
 
-    ``repo`` holds the reproduced and committed result; ``pristine`` the committed repository
-    before its first ``dvc repro`` (no outputs, empty DVC cache); ``repro_out`` what that
-    ``dvc repro`` printed.
+    ``repo`` holds the reproduced and committed result (outputs, small results in git);
+    ``pristine`` the committed repository before its first ``dvc repro`` (no outputs, empty DVC
+    cache); ``repro_out`` what that ``dvc repro`` printed.
     """
 
     repo: GitDvcRepo
     pristine: Path
     repro_out: str
     repro_seconds: float
+    params_traces: Path  # what each stage of that `dvc repro` read from params.yaml
 
     @staticmethod
     def clone(src: Path, dest: Path) -> GitDvcRepo:
@@ -299,9 +318,8 @@ def tiny_pipeline(tmp_path_factory, tiny_teacher_dir) -> TinyPipeline:
     repo.run("git", "init", "-q")
     repo.run("dvc", "init", "-q")
     repo.run("dvc", "config", "core.analytics", "false")
-    with (path / ".gitignore").open("a") as f:
-        f.write("mlflow.db\nmlflow.db-*\nmlruns/\n__pycache__/\n")
-    for name in ("dvc.yaml", "params.yaml"):
+    # The project's own ignore files: the small results are committed, as in the real repo.
+    for name in ("dvc.yaml", "params.yaml", "requirements.lock", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, path / name)
     for pkg in ("kd", "stages"):
         shutil.copytree(REPO / pkg, path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
@@ -319,8 +337,12 @@ def tiny_pipeline(tmp_path_factory, tiny_teacher_dir) -> TinyPipeline:
 
     pristine = root / "pristine"
     shutil.copytree(path, pristine, symlinks=True)
+    # Every stage records the params keys it reads (kd.core.params), for the DAG-contract test.
+    traces = root / "params-traces"
+    repo.env[PARAMS_TRACE_ENV] = str(traces)
     start = time.perf_counter()
     out = repo.run("dvc", "repro", timeout=1200)
     seconds = time.perf_counter() - start
+    del repo.env[PARAMS_TRACE_ENV]
     repo.commit("dvc repro")
-    return TinyPipeline(repo, pristine, out, seconds)
+    return TinyPipeline(repo, pristine, out, seconds, traces)

@@ -73,7 +73,12 @@ def test_logit_metrics_hand_checked() -> None:
     assert m["mlm_loss"] == pytest.approx((-math.log(4 / 9) - math.log(0.2)) / 2, rel=1e-5)
     assert m["teacher_top1"] == 0.5  # teacher row 0 right, row 2 (argmax 0) wrong
     # T² · KL at T=2 differs from KL at T=1; a row identical in both contributes 0 to each.
-    assert m["logit_kl"] > 0 and m["logit_kl_t1"] > 0 and m["logit_kl"] != m["logit_kl_t1"]
+    assert m["logit_kl_train_t"] > 0 and m["logit_kl_t1"] > 0
+    assert m["logit_kl_train_t"] != m["logit_kl_t1"]
+    # Without a training temperature there is no extra column; at T = 1 it is the T = 1 KL.
+    assert "logit_kl_train_t" not in logit_metrics(student, teacher, labels)
+    at_one = logit_metrics(student, teacher, labels, temperature=1.0)
+    assert at_one["logit_kl_train_t"] == at_one["logit_kl_t1"]
 
 
 def test_identical_student_has_zero_kl_full_agreement_and_zero_distance(data) -> None:
@@ -90,7 +95,7 @@ def test_identical_student_has_zero_kl_full_agreement_and_zero_distance(data) ->
     )
     s = summarize(res.rows)
     for split in ("train", "test"):
-        assert s[f"{split}/logit_kl"] == pytest.approx(0, abs=1e-5)
+        assert s[f"{split}/logit_kl_train_t"] == pytest.approx(0, abs=1e-5)
         assert s[f"{split}/logit_kl_t1"] == pytest.approx(0, abs=1e-5)
         assert s[f"{split}/agreement"] == 1.0
         assert s[f"{split}/mlm_top1"] == s[f"{split}/teacher_mlm_top1"]
@@ -120,7 +125,7 @@ def test_one_row_per_batch_per_split_and_distances_only_held_out(data) -> None:
     # The ragged last test batch (5 = 4 + 1) holds one block with 7 real tokens.
     assert frame.n_tokens.tolist()[-1] == 7
     for col in (
-        "logit_kl",
+        "logit_kl_train_t",
         "logit_kl_t1",
         "mlm_loss",
         "top1",
@@ -148,7 +153,7 @@ def test_test_batches_limit_and_weighted_means(data) -> None:
             "n_positions": 3,
             "n_masked": 1,
             "n_tokens": 10,
-            "logit_kl": 1.0,
+            "logit_kl_t1": 1.0,
             "top1": 0.0,
             "hidden_lstsq": 2.0,
         },
@@ -158,13 +163,13 @@ def test_test_batches_limit_and_weighted_means(data) -> None:
             "n_positions": 1,
             "n_masked": 0,
             "n_tokens": 30,
-            "logit_kl": 5.0,
+            "logit_kl_t1": 5.0,
             "top1": math.nan,
             "hidden_lstsq": 4.0,
         },
     ]
     s = summarize(rows)
-    assert s["test/logit_kl"] == pytest.approx((3 * 1 + 5) / 4)
+    assert s["test/logit_kl_t1"] == pytest.approx((3 * 1 + 5) / 4)
     assert s["test/mlm_top1"] == 0.0  # the batch without masked positions does not count
     assert s["test/hidden_lstsq"] == pytest.approx((10 * 2 + 30 * 4) / 40)
     assert s["test/batches"] == 2 and s["test/positions"] == 4
@@ -211,7 +216,8 @@ def _params(tmp_path) -> dict:
             "students",
             "checkpoints",
             "metrics",
-            "plots",
+            "train",
+            "eval",
             "report",
             "distilled",
         )
@@ -247,25 +253,27 @@ def test_stage_writes_rows_per_split_and_metrics(tmp_path, data, monkeypatch) ->
 
     for argv in (["--arm", "logit"], ["--arm", "multi"], ["--init"]):
         stage.main(argv)
-    plots, metrics = tmp_path / "plots", tmp_path / "metrics"
+    out = tmp_path / "eval"
     for name in ("logit", "multi", "student_init"):
-        frame = pd.read_csv(plots / f"eval_{name}.csv")
+        frame = pd.read_csv(out / f"{name}.csv")
         assert frame.groupby("split").size().to_dict() == {"train": 2, "test": 2}
         assert {
             "split",
             "batch",
-            "logit_kl",
+            "logit_kl_train_t",
             "logit_kl_t1",
             "mlm_loss",
             "top1",
             "top5",
             "agreement",
         } <= set(frame.columns)
-        assert len(pd.read_csv(plots / f"eval_{name}_train.csv")) == 2
-        assert len(pd.read_csv(plots / f"eval_{name}_test.csv")) == 2
-        m = read_json(metrics / f"eval_{name}.json")
+        assert len(pd.read_csv(out / f"{name}_train.csv")) == 2
+        assert len(pd.read_csv(out / f"{name}_test.csv")) == 2
+        m = read_json(out / f"{name}.json")
+        assert m["runtime"]["precision"] == "fp32" and m["runtime"]["device"] == "cpu"
+        assert m["runtime"]["torch"] == torch.__version__
         for key in (
-            "train/logit_kl",
+            "train/logit_kl_train_t",
             "test/logit_kl_t1",
             "test/mlm_top1",
             "test/agreement",
@@ -274,8 +282,30 @@ def test_stage_writes_rows_per_split_and_metrics(tmp_path, data, monkeypatch) ->
             "test/attention_probs",
         ):
             assert m[key] is not None, (name, key)
-    logit = read_json(metrics / "eval_logit.json")
-    multi = read_json(metrics / "eval_multi.json")
-    assert logit["temperature"] == 2.0 and logit["test/logit_kl"] != logit["test/logit_kl_t1"]
+    logit = read_json(out / "logit.json")
+    multi = read_json(out / "multi.json")
+    assert logit["train_temperature"] == 2.0
+    assert logit["test/logit_kl_train_t"] != logit["test/logit_kl_t1"]
     assert "test/hidden_learned" in multi and "test/hidden_learned" not in logit
     assert multi["layer_map"] == [1, 2]
+
+
+def test_every_scheme_is_scored_on_the_masked_positions_at_its_final_temperature(data) -> None:
+    """Schemes rank on one measure: a scheme that trained on every position and a scheduled
+    temperature is still scored at the fixed masked positions, T = 1 for the comparison and its
+    schedule's end (not its start) for the extra column."""
+    from kd.core.params import Scheme
+
+    scheme = Scheme(terms={"logit": 1.0}, logit_positions="all", temperature=4.0,
+                    temperature_schedule={"kind": "linear", "end": 2.0})
+    judge = Judge.of(scheme)
+    assert judge.temperature == 2.0
+    cfg = Evaluate(batch_size=4, train_batches=2, test_batches=None, lstsq_batches=2)
+    rows = evaluate(tiny(32), tiny(16, seed=1), data["train"], data["test"], cfg, judge).rows
+    masked = [
+        int((torch.as_tensor(data[split]["mlm_labels"][b * 4:(b + 1) * 4]) != IGNORE).sum())
+        for split in ("train", "test")
+        for b in range(2)
+    ]
+    assert [r["n_positions"] for r in rows] == masked
+    assert all(r["n_positions"] == r["n_masked"] for r in rows)

@@ -61,18 +61,25 @@ def test_frozen_params_excluded_and_pooler_goes_to_other() -> None:
     assert {id(p) for p in groups["other"]} == {id(p) for p in model.pooler.parameters()}
 
 
-def test_global_matches_clip_grad_norm() -> None:
+def test_total_matches_clip_grad_norm_and_global_is_the_students() -> None:
     model = _model()
     proj = torch.nn.Linear(16, 24)
     _backward(model, proj)
     groups = layer_groups(model, extra={"proj": proj})
-    norms = grad_norms(groups)
+    norms = grad_norms(groups, extra=["proj"])
     params = [p for ps in groups.values() for p in ps]
+    student = [p for p in model.parameters() if p.grad is not None]
     total = torch.nn.utils.clip_grad_norm_(params, max_norm=1e9)
-    assert norms["global"] == pytest.approx(total.item(), rel=1e-5)
-    # Groups are disjoint, so their squares add up to the global one.
-    by_group = math.sqrt(sum(v**2 for k, v in norms.items() if k != "global"))
-    assert by_group == pytest.approx(norms["global"], rel=1e-5)
+    assert norms["total"] == pytest.approx(total.item(), rel=1e-5)
+    # "global" leaves the projections out: the same parameter set with or without them.
+    only_student = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in student]))
+    assert norms["global"] == pytest.approx(only_student.item(), rel=1e-5)
+    assert norms["global"] < norms["total"]
+    # Groups are disjoint, so their squares add up to the total, and the student's to global.
+    squares = {k: v**2 for k, v in norms.items() if k not in ("global", "total")}
+    assert math.sqrt(sum(squares.values())) == pytest.approx(norms["total"], rel=1e-5)
+    assert math.sqrt(sum(v for k, v in squares.items() if k != "proj")) == pytest.approx(
+        norms["global"], rel=1e-5)
     assert all(isinstance(v, float) for v in norms.values())
 
 
@@ -89,7 +96,7 @@ def test_extra_module_gets_its_own_group() -> None:
 def test_missing_grads_count_as_zero() -> None:
     model = _model()
     groups = layer_groups(model)
-    assert grad_norms(groups) == {**dict.fromkeys(groups, 0.0), "global": 0.0}
+    assert grad_norms(groups) == {**dict.fromkeys(groups, 0.0), "global": 0.0, "total": 0.0}
     unused = torch.nn.Linear(2, 2)
     _backward(model)
     norms = grad_norms(layer_groups(model, extra={"unused": unused}))

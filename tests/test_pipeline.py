@@ -41,8 +41,6 @@ CORE_STAGES = {
     "evaluate_init",
     "report",
 }
-# Wall-clock measurements: the only values two identical training runs may disagree on.
-WALL_TIME_KEYS = {"seconds", "tokens_per_s", "sequences_per_s"}
 RESUME_STEPS = 300  # train.max_steps of the run that is killed and resumed
 
 
@@ -89,30 +87,25 @@ def _set_params(path: Path, **sections: dict) -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def _without_wall_time(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k not in WALL_TIME_KEYS}
-
-
 def _weights(repo, arm: str) -> bytes:
     return (repo.path / "data" / "students" / arm / "model.safetensors").read_bytes()
 
 
 def _train_csv(repo, arm: str) -> pd.DataFrame:
-    # Every logged column but the wall clock.
-    return pd.read_csv(repo.path / "data" / "plots" / f"train_{arm}.csv").drop(columns="seconds")
+    return pd.read_csv(repo.path / "data" / "train" / f"{arm}.csv")
 
 
 @pytest.fixture(scope="module")
 def twin(tiny_pipeline, tmp_path_factory):
-    """A second fresh copy of the never-reproduced repository training both arms from scratch.
+    """A second fresh copy of the never-reproduced repository, reproducing the whole DAG.
 
     Started in the background by the first test that asks for it, so it overlaps with the
-    others; only the stages up to training run (evaluation and the report feed nothing back).
+    others.
     """
     repo = tiny_pipeline.clone(tiny_pipeline.pristine, tmp_path_factory.mktemp("twin") / "repo")
     log = (repo.path.parent / "repro.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", "train@logit", "train@multi"],
+        [sys.executable, "-m", "dvc", "repro"],
         cwd=repo.path,
         env=repo.env,
         stdout=log,
@@ -134,15 +127,17 @@ def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline, twin) -> None
     data = repo.path / "data"
 
     headline = read_json(data / "metrics" / "eval.json")
-    for key in ("test/logit_kl_t1", "train/logit_kl_t1", "test/logit_kl", "train_final_loss"):
+    for key in ("test/logit_kl_t1", "train/logit_kl_t1", "test/mlm_top1", "train_final_loss"):
         assert isinstance(headline[key], float) and math.isfinite(headline[key]), key
+    compared = read_json(data / "metrics" / "comparison.json")
     numbers = {
-        k: v for k, v in headline.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        k: v for k, v in compared.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
     assert numbers and all(math.isfinite(v) for v in numbers.values())
     # Scheme-neutral headline keys carry the headline arm's values.
     assert headline["scheme"] == "multi"
-    assert headline["test/logit_kl_t1"] == headline["arms/multi/test/logit_kl_t1"]
+    assert headline["test/logit_kl_t1"] == compared["arms/multi/test/logit_kl_t1"]
+    assert headline["runtime"]["threads"] == 1 and headline["runtime"]["device"] == "cpu"
 
     report = data / "report"
     assert (report / "report.md").read_text().strip()
@@ -154,8 +149,8 @@ def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline, twin) -> None
     assert (data / "distilled" / "model.safetensors").read_bytes() == _weights(repo, "multi")
     for arm in ARMS:
         assert (data / "students" / arm / "model.safetensors").is_file(), arm
-        assert read_json(data / "metrics" / f"train_{arm}.json")["steps"] == 6
-        assert (data / "metrics" / f"eval_{arm}.json").is_file()
+        assert read_json(data / "train" / f"{arm}.json")["steps"] == 6
+        assert (data / "eval" / f"{arm}.json").is_file()
     # Training finished, so no checkpoint is left behind.
     assert not list((data / "checkpoints").rglob("checkpoint.pt"))
 
@@ -166,8 +161,8 @@ def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline, twin) -> None
     names = sorted(r.info.run_name for r in runs)
     # check_params only validates: it has no run of its own.
     # The scheme stages only write a note here (loss.scheme is an arm): no run either.
-    quiet = {"evaluate_init", "check_params", "train_scheme", "evaluate_scheme", "probe_scheme",
-             "probe_teacher", "probe_init"}
+    quiet = {"evaluate_init", "check_params", "pin_inputs", "train_scheme", "evaluate_scheme",
+             "probe_scheme", "probe_teacher", "probe_init"}
     expected = (stages - quiet) | {"evaluate@student_init", "probe@teacher", "probe@student_init"}
     assert names == sorted(expected)
     assert {r.info.status for r in runs} == {"FINISHED"}
@@ -180,6 +175,7 @@ def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline, twin) -> None
 def test_scheme_only_experiment_reruns_only_report(tiny_pipeline, tmp_path) -> None:
     repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
     baseline = read_json(repo.path / "data" / "metrics" / "eval.json")
+    compared = read_json(repo.path / "data" / "metrics" / "comparison.json")
 
     out = repo.run("dvc", "exp", "run", "-S", "loss.scheme=logit")
     print(out)  # what DVC printed, for the record (pytest -s)
@@ -195,7 +191,7 @@ def test_scheme_only_experiment_reruns_only_report(tiny_pipeline, tmp_path) -> N
         assert read_json(repo.path / "data" / "scheme" / part / "note.json")["scheme"] == "logit"
     result = read_json(repo.path / "data" / "metrics" / "eval.json")
     assert result["scheme"] == "logit"
-    assert result["test/logit_kl_t1"] == baseline["arms/logit/test/logit_kl_t1"]
+    assert result["test/logit_kl_t1"] == compared["arms/logit/test/logit_kl_t1"]
     assert (repo.path / "data" / "distilled" / "model.safetensors").read_bytes() == _weights(
         repo, "logit"
     )
@@ -258,13 +254,14 @@ def test_any_defined_scheme_runs_beside_the_arms(tiny_pipeline, tmp_path) -> Non
     assert "loss/minilm_attention" in pd.read_csv(trained / "train.csv").columns
     result = read_json(repo.path / "data" / "metrics" / "eval.json")
     assert result["scheme"] == "minilm"
-    assert result["test/logit_kl_t1"] == result["arms/minilm/test/logit_kl_t1"]
-    assert math.isfinite(result["arms/logit/test/logit_kl_t1"])
+    compared = read_json(repo.path / "data" / "metrics" / "comparison.json")
+    assert result["test/logit_kl_t1"] == compared["arms/minilm/test/logit_kl_t1"]
+    assert math.isfinite(compared["arms/logit/test/logit_kl_t1"])
     assert (repo.path / "data" / "distilled" / "model.safetensors").read_bytes() == (
         trained / "student" / "model.safetensors"
     ).read_bytes()
     assert "minilm" in (repo.path / "data" / "report" / "report.md").read_text()
-    assert math.isfinite(result["arms/minilm/probe_linear_acc"])
+    assert math.isfinite(compared["arms/minilm/probe_linear_acc"])
 
     # Back to an arm as the headline: the scheme stages write their note, nothing retrains.
     back = repo.run("dvc", "exp", "run", "-S", "loss.scheme=multi")
@@ -274,7 +271,7 @@ def test_any_defined_scheme_runs_beside_the_arms(tiny_pipeline, tmp_path) -> Non
 
 def test_one_arms_parameter_retrains_only_that_arm(tiny_pipeline, tmp_path) -> None:
     repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
-    before = read_json(repo.path / "data" / "metrics" / "train_logit.json")
+    before = read_json(repo.path / "data" / "train" / "logit.json")
 
     out = repo.run("dvc", "exp", "run", "-S", "loss.schemes.multi.terms.attention=0.5")
     arm = {"train@multi", "evaluate@multi", "probe@multi", "report"}
@@ -282,8 +279,8 @@ def test_one_arms_parameter_retrains_only_that_arm(tiny_pipeline, tmp_path) -> N
     notes = {"check_params", "train_scheme", "evaluate_scheme", "probe_scheme"}
     assert arm <= _ran(out) <= arm | _downstream(repo, "train@multi") | notes, out
     assert not {"train@logit", "evaluate@logit", "evaluate_init"} & _ran(out), out
-    assert read_json(repo.path / "data" / "metrics" / "train_logit.json") == before
-    multi = read_json(repo.path / "data" / "metrics" / "train_multi.json")
+    assert read_json(repo.path / "data" / "train" / "logit.json") == before
+    multi = read_json(repo.path / "data" / "train" / "multi.json")
     assert multi["steps"] == 6 and math.isfinite(multi["final/loss/attention"])
 
 
@@ -335,8 +332,8 @@ def test_bad_override_fails_before_any_work(bad_input_repo, override, key) -> No
 
 def test_unreachable_tracking_server_warns_once_and_writes_outputs(tiny_pipeline, tmp_path) -> None:
     repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
-    metrics = repo.path / "data" / "metrics" / "train_logit.json"
-    plot = repo.path / "data" / "plots" / "train_logit.csv"
+    metrics = repo.path / "data" / "train" / "logit.json"
+    plot = repo.path / "data" / "train" / "logit.csv"
     before = read_json(metrics)
     stamps = (metrics.stat().st_mtime_ns, plot.stat().st_mtime_ns)
     env = {
@@ -354,7 +351,7 @@ def test_unreachable_tracking_server_warns_once_and_writes_outputs(tiny_pipeline
     assert len(warnings) == 1 and "MLflow" in warnings[0], stderr
     assert "http://127.0.0.1:9" in warnings[0]
     assert metrics.stat().st_mtime_ns > stamps[0] and plot.stat().st_mtime_ns > stamps[1]
-    assert _without_wall_time(read_json(metrics)) == _without_wall_time(before)
+    assert read_json(metrics) == before  # no wall time in it: the same bytes again
 
 
 def test_killed_training_resumes_to_the_same_result(tiny_pipeline, tmp_path) -> None:
@@ -367,7 +364,7 @@ def test_killed_training_resumes_to_the_same_result(tiny_pipeline, tmp_path) -> 
                "attribution_every": 40},
     )
     cmd = [sys.executable, "-m", "kd.training.launch", "stages.train", "--arm", "multi"]
-    metrics = repo.path / "data" / "metrics" / "train_multi.json"
+    metrics = repo.path / "data" / "train" / "multi.json"
     ckpt = repo.path / "data" / "checkpoints" / "multi" / "checkpoint.pt"
 
     whole = subprocess.run(cmd, cwd=repo.path, env=repo.env, capture_output=True, text=True)
@@ -408,12 +405,14 @@ def test_killed_training_resumes_to_the_same_result(tiny_pipeline, tmp_path) -> 
     step = re.search(r"resuming from step (\d+)", resumed.stdout + resumed.stderr)
     assert step, resumed.stdout + resumed.stderr
     assert 0 < int(step.group(1)) < RESUME_STEPS and int(step.group(1)) % 5 == 0
-    assert _without_wall_time(read_json(metrics)) == _without_wall_time(expected)
+    assert read_json(metrics) == expected
     assert _weights(repo, "multi") == expected_weights
     assert not ckpt.exists()
 
 
-def test_fresh_copy_trains_bit_identically(tiny_pipeline, twin) -> None:
+def test_fresh_copy_reproduces_the_lock_byte_for_byte(tiny_pipeline, twin) -> None:
+    """`dvc repro` in a second fresh copy gives the same dvc.lock: every output DVC hashes, the
+    models, the metrics, the report's figures, comes out bit for bit the same."""
     copy, proc = twin
     try:
         proc.wait(timeout=900)
@@ -423,12 +422,16 @@ def test_fresh_copy_trains_bit_identically(tiny_pipeline, twin) -> None:
     assert proc.returncode == 0, log
     repo = tiny_pipeline.repo
     for arm in ARMS:
-        ours = read_json(repo.path / "data" / "metrics" / f"train_{arm}.json")
-        theirs = read_json(copy.path / "data" / "metrics" / f"train_{arm}.json")
-        assert set(ours) == set(theirs)
-        assert _without_wall_time(ours) == _without_wall_time(theirs), arm
+        ours = read_json(repo.path / "data" / "train" / f"{arm}.json")
+        theirs = read_json(copy.path / "data" / "train" / f"{arm}.json")
+        assert ours == theirs, arm
         assert any(k.startswith("mean/grad_norm/") for k in ours)
         pd.testing.assert_frame_equal(
             _train_csv(repo, arm), _train_csv(copy, arm), check_exact=True
         )
         assert _weights(repo, arm) == _weights(copy, arm), arm
+    ours, theirs = yaml.safe_load((repo.path / "dvc.lock").read_text()), yaml.safe_load(
+        (copy.path / "dvc.lock").read_text())
+    differ = [name for name in ours["stages"] if ours["stages"][name] != theirs["stages"].get(name)]
+    assert not differ, f"stages whose lock entry differs: {differ}"
+    assert (repo.path / "dvc.lock").read_bytes() == (copy.path / "dvc.lock").read_bytes()

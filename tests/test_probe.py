@@ -254,7 +254,9 @@ def test_stage_scores_every_model_writes_metrics_and_tracks(
     for name in ("teacher", "student_init", "logit", "multi"):
         assert 0.0 <= m[f"{name}/linear_acc"] <= 1.0, name
         assert 0.0 <= m[f"{name}/finetune_acc"] <= 1.0, name
-        assert m[f"{name}/seconds"] > 0
+        written = read_json(files[name])
+        assert "seconds" not in written  # wall time goes to MLflow only: the file is hashed
+        assert written["runtime"]["threads"] == 1 and written["runtime"]["precision"] == "fp32"
     assert not any(k.startswith("missing/") for k in m)
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
@@ -264,6 +266,7 @@ def test_stage_scores_every_model_writes_metrics_and_tracks(
     multi = next(r for r in runs if r.info.run_name == "probe@multi")
     assert multi.data.metrics["linear_acc"] == m["multi/linear_acc"]
     assert "finetune_loss" in multi.data.metrics
+    assert multi.data.metrics["time/seconds"] > 0 and multi.data.tags["runtime.threads"] == "1"
 
     keys, lines = kd_report.probe_results(m, ["logit", "multi"], "multi")
     assert keys["probe_linear_acc"] == keys["arms/multi/probe_linear_acc"] == m["multi/linear_acc"]

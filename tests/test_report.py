@@ -22,7 +22,7 @@ N_LAYERS = 2
 
 
 def write_arm(
-    metrics, plots, name: str, train_kl: float, test_kl: float, grad: float, multi: bool
+    train_dir, eval_dir, name: str, train_kl: float, test_kl: float, grad: float, multi: bool
 ) -> None:
     """Outputs of train@name and evaluate@name with the given levels."""
     rows = []
@@ -34,7 +34,7 @@ def write_arm(
                 "n_positions": 10,
                 "n_masked": 10,
                 "n_tokens": 50,
-                "logit_kl": kl * (1 + 0.01 * b),
+                "logit_kl_train_t": kl * (1 + 0.01 * b),
                 "logit_kl_t1": kl * (1 + 0.01 * b),
                 "agreement": 0.5,
                 "mlm_loss": 3.0,
@@ -58,15 +58,17 @@ def write_arm(
                 if multi:
                     row.update({"embedding_learned": 0.25, "hidden_learned": 0.8})
             rows.append(row)
-    pd.DataFrame(rows).to_csv(plots / f"eval_{name}.csv", index=False)
+    pd.DataFrame(rows).to_csv(eval_dir / f"{name}.csv", index=False)
     write_json(
-        metrics / f"eval_{name}.json",
+        eval_dir / f"{name}.json",
         {
             **summarize(rows),
             "layer_map": [1, 2],
             "lstsq/fit_tokens": 150,
-            "temperature": 1.0,
+            "train_temperature": 1.0,
             "logit_positions": "masked",
+            "runtime": {"device": "cpu", "precision": "fp32", "threads": 2, "torch": "2.x",
+                        "transformers": "5.x", "numpy": "2.x"},
         },
     )
     terms = ["embedding", "hidden", "attention", "logit"] if multi else ["logit"]
@@ -74,7 +76,7 @@ def write_arm(
         {
             "step": [5, 10],
             "tokens": [640, 1280],
-            "seconds": [1.0, 2.0 if not multi else 2.5],
+            "flops": [1e12, 2e12 if not multi else 2.5e12],
             **{f"loss/{t}": [1.0, 0.5] for t in terms},
             "loss/total": [2.0, 1.0],
             **{f"grad_norm/layer_{i}": [grad, grad] for i in range(N_LAYERS)},
@@ -82,12 +84,12 @@ def write_arm(
             **({"attr/cos/hidden~logit": [float("nan"), 0.1]} if multi else {}),
         }
     )
-    steps.to_csv(plots / f"train_{name}.csv", index=False)
+    steps.to_csv(train_dir / f"{name}.csv", index=False)
     write_json(
-        metrics / f"train_{name}.json",
+        train_dir / f"{name}.json",
         {
             "steps": 10,
-            "tokens_per_s": 100.0,
+            "flops": 2e12,
             "final/loss/total": 1.0,
             "mean/grad_norm/embeddings": grad,
             "mean/grad_norm/head": grad / 2,
@@ -124,13 +126,13 @@ def test_attribution_section_names_the_driving_term(tmp_path) -> None:
 
 
 def arms(tmp_path, logit: tuple, multi: tuple) -> list[report.Arm]:
-    metrics, plots = tmp_path / "metrics", tmp_path / "plots"
-    metrics.mkdir(exist_ok=True)
-    plots.mkdir(exist_ok=True)
-    write_arm(metrics, plots, "logit", *logit, multi=False)
-    write_arm(metrics, plots, "multi", *multi, multi=True)
+    train_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
+    train_dir.mkdir(exist_ok=True)
+    eval_dir.mkdir(exist_ok=True)
+    write_arm(train_dir, eval_dir, "logit", *logit, multi=False)
+    write_arm(train_dir, eval_dir, "multi", *multi, multi=True)
     p = SimpleNamespace(
-        paths=SimpleNamespace(metrics=metrics, plots=plots, students=tmp_path, probe=tmp_path)
+        paths=SimpleNamespace(train=train_dir, eval=eval_dir, students=tmp_path, probe=tmp_path)
     )
     return [
         report.load_arm(kd_arms.of_arm(p, "logit"), LOGIT),
@@ -140,7 +142,7 @@ def arms(tmp_path, logit: tuple, multi: tuple) -> list[report.Arm]:
 
 def test_scheme_neutral_keys_for_any_headline(tmp_path) -> None:
     loaded = arms(tmp_path, (0.5, 0.6, 1.0), (0.4, 0.5, 2.0))
-    by_headline = {h: report.eval_metrics(loaded, h) for h in ("logit", "multi")}
+    by_headline = {h: report.comparison(loaded, h) for h in ("logit", "multi")}
     for headline, m in by_headline.items():
         assert m["scheme"] == headline
         for key in report.CORE_KEYS:
@@ -148,10 +150,17 @@ def test_scheme_neutral_keys_for_any_headline(tmp_path) -> None:
             assert f"arms/logit/{key}" in m and f"arms/multi/{key}" in m
     # The same columns whichever arm is the headline; only the values move.
     assert set(by_headline["logit"]) == set(by_headline["multi"])
-    assert by_headline["logit"]["test/logit_kl"] == pytest.approx(0.6 * 1.005)
-    assert by_headline["multi"]["test/logit_kl"] == pytest.approx(0.5 * 1.005)
+    assert by_headline["logit"]["test/logit_kl_t1"] == pytest.approx(0.6 * 1.005)
+    assert by_headline["multi"]["test/logit_kl_t1"] == pytest.approx(0.5 * 1.005)
     assert by_headline["logit"]["test/hidden_learned"] is None  # no learned projections
     assert by_headline["multi"]["mean_grad_norm"] == pytest.approx(2.0 * 1.5)
+    # eval.json, what `dvc exp show` shows: a few headline keys and the runtime, never per arm.
+    head = {h: report.headline_metrics(m, next(a for a in loaded if a.name == h))
+            for h, m in by_headline.items()}
+    assert set(head["logit"]) == set(head["multi"]) == {"scheme", *report.HEADLINE, "runtime"}
+    assert head["multi"]["test/logit_kl_t1"] == by_headline["multi"]["test/logit_kl_t1"]
+    assert head["multi"]["runtime"] == {"device": "cpu", "precision": "fp32", "threads": 2,
+                                        "torch": "2.x", "transformers": "5.x"}
 
 
 @pytest.mark.parametrize(
@@ -217,7 +226,8 @@ def test_stage_writes_figures_report_metrics_and_distilled_model(
     ).save_pretrained(student)
     default_tokenizer.save_pretrained(student)
     (student / "kd_config.json").write_text('{"arm": "multi"}')
-    paths = {k: str(tmp_path / k) for k in ("metrics", "plots", "students", "report", "distilled")}
+    paths = {k: str(tmp_path / k)
+             for k in ("metrics", "train", "eval", "students", "report", "distilled")}
     schemes = {"logit": LOGIT.model_dump(), "multi": MULTI.model_dump()}
     (tmp_path / "params.yaml").write_text(
         yaml.safe_dump(
@@ -244,8 +254,11 @@ def test_stage_writes_figures_report_metrics_and_distilled_model(
     assert all((out / p).stat().st_size > 1000 for p in pngs)
     md = (out / "report.md").read_text()
     assert "the seed's finding **holds**" in md and "(fig3_train_logit_loss.png)" in md
-    m = read_json(tmp_path / "metrics" / "eval.json")
+    m = read_json(tmp_path / "metrics" / "comparison.json")
     assert m["scheme"] == "multi" and m["findings/lower_test_logit_kl"] == "multi"
+    head = read_json(tmp_path / "metrics" / "eval.json")
+    assert head["scheme"] == "multi" and head["test/logit_kl_t1"] == m["test/logit_kl_t1"]
+    assert not [k for k in head if k.startswith(("arms/", "floor/", "findings/"))]
     model = AutoModelForMaskedLM.from_pretrained(tmp_path / "distilled")
     assert model.config.hidden_size == 16
     assert (tmp_path / "distilled" / "tokenizer.json").exists()

@@ -1,16 +1,19 @@
 """kd.report.seeds: the statistics on hand-computed cases, the verdicts, which `dvc exp show` rows count,
 and the command end to end on a real `dvc exp show --json` (tests/data/dvc_exp_show.json).
 
-The fixture came from a throwaway git + DVC repo whose one stage writes an eval.json shaped like
-kd.report.report's (arms logit and multi, plus a probe key): the workspace and its commit at seed 0,
-queued seeds 1 and 2, seed 1 queued twice, seed 3 with another train.lr, seed 13 failing (DVC
-lists it with its baseline's metrics), and seed 9 still queued.
+The fixture came from a throwaway git + DVC repo whose one stage writes an eval.json holding the
+per-arm keys that kd.report.report now writes to comparison.json (arms logit and multi, plus a
+probe key): the workspace and its commit at seed 0, queued seeds 1 and 2, seed 1 queued twice,
+seed 3 with another train.lr, seed 13 failing (DVC lists it with its baseline's metrics), and
+seed 9 still queued. Tests on it take each row's comparison from its listed metrics; reading it
+from each experiment's own commit is tested on a real repository.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,13 @@ T_975_2 = 4.302652729749462  # t_{0.975, 2}, from tables
 def row(rev, seed, metrics=None, ts=None, **params) -> Row:
     p = {"base.seed": seed, "train.lr": 5e-4, **params}
     m = {"arms/logit/train/logit_kl_t1": 1.0} if metrics is None else metrics
-    return Row(rev, None if rev == "workspace" else rev, ts, None, None, p, m)
+    return Row(rev, None if rev == "workspace" else rev, ts, None, None, p, m, m)
+
+
+def fixture_rows() -> list[Row]:
+    """The fixture's rows, each with its listed metrics as its comparison (module docstring)."""
+    return [replace(r, comparison=r.metrics) for r in seeds.parse_rows(json.loads(
+        FIXTURE.read_text()))]
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -107,7 +116,7 @@ def test_parse_rows_walks_the_real_tree():
 
 
 def test_select_on_the_real_tree():
-    sel = seeds.select(seeds.parse_rows(json.loads(FIXTURE.read_text())))
+    sel = seeds.select(fixture_rows())
     assert [(r.label, r.seed) for r in sel.rows] == [
         ("workspace", 0),  # over its identical commit
         ("ratty-oner", 1),  # the newer of two identical runs
@@ -129,6 +138,7 @@ def test_select_skips_other_params_and_keeps_one_row_per_seed():
         row("ccc", 2, **{"loss.arms": ["logit"]}),  # a key the workspace does not have
         row("ddd", 3, **{"train.lr": 1e-3}),
         row("eee", 4, metrics={}),  # an empty metrics dict counts as none
+        replace(row("fff", 5), comparison=None),  # its commit holds no comparison.json
     ]
     sel = seeds.select(rows)
     assert [r.label for r in sel.rows] == ["workspace", "bbb"]
@@ -136,6 +146,7 @@ def test_select_skips_other_params_and_keeps_one_row_per_seed():
     assert "ccc (seed 2): params differ beyond base.seed: loss.arms=['logit']" in notes
     assert "ddd (seed 3): params differ beyond base.seed: train.lr=0.001" in notes
     assert "eee (seed 4): no eval.json" in notes
+    assert "fff (seed 5): its commit holds no data/metrics/comparison.json" in notes
     assert "kept the newest (bbb), skipped aaa" in notes
 
 
@@ -161,7 +172,8 @@ def test_pairs_come_from_the_schemes_terms_or_the_arm_name():
 # --- the command -----------------------------------------------------------------------------
 
 
-def test_cli_end_to_end(tmp_path, capsys):
+def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(seeds, "comparison_at", lambda row, root: row.metrics)
     out = tmp_path / "seeds"
     result = seeds.main(["--json", str(FIXTURE), "--out", str(out), "--no-mlflow"])
     saved = json.loads((out / "seeds.json").read_text())
@@ -199,26 +211,48 @@ def test_exp_show_runs_dvc_in_a_repo(git_dvc_repo):
     assert all(r.seed == 0 for r in rows)
 
 
-def test_experiments_without_eval_json_take_their_report_runs_metrics(tmp_path) -> None:
-    """A queued experiment's commit lacks eval.json (data/ is git-ignored, the metrics are
-    cache: false): its numbers come from its report run in MLflow, tagged with its name."""
-    from mlflow.tracking import MlflowClient
+_STAGE = """\
+import json, os, yaml
+seed = yaml.safe_load(open("params.yaml"))["base"]["seed"]
+os.makedirs("data/metrics", exist_ok=True)
+json.dump({"scheme": "multi", "test/logit_kl_t1": 2.0 + seed},
+          open("data/metrics/eval.json", "w"))
+json.dump({"arms/logit/test/logit_kl_t1": 1.0 + seed, "arms/multi/test/logit_kl_t1": 2.0 + seed},
+          open("data/metrics/comparison.json", "w"))
+"""
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment(seeds.EXPERIMENT)
-    for name, value, status in [("bold-seed", 2.5, "FINISHED"), ("dead-seed", 9.9, "FAILED")]:
-        run = client.create_run(exp_id, tags={"kd.stage": "report", "kd.dvc_exp": name})
-        client.log_metric(run.info.run_id, "arms/logit/test/logit_kl_t1", value)
-        client.set_terminated(run.info.run_id, status)
-    rows = [
-        Row("workspace", None, None, None, None, {"base.seed": 0}, {"k": 1.0}),
-        Row("a1", "bold-seed", None, None, "success", {"base.seed": 1}, None),
-        Row("a2", "dead-seed", None, None, "success", {"base.seed": 2}, None),
-    ]
-    filled = seeds.with_mlflow_metrics(rows, uri)
-    assert filled[0].metrics == {"k": 1.0}  # rows with metrics are left alone
-    assert filled[1].metrics == {"arms/logit/test/logit_kl_t1": 2.5}
-    assert filled[2].metrics is None  # only a finished report run counts
-    # No backend: the rows come back unchanged.
-    assert seeds.with_mlflow_metrics(rows, f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}") == rows
+_DVC_YAML = """\
+stages:
+  report:
+    cmd: python report.py
+    deps: [report.py]
+    params: [base.seed]
+    outs:
+      - data/metrics/comparison.json:
+          cache: false
+    metrics:
+      - data/metrics/eval.json:
+          cache: false
+"""
+
+
+@pytest.mark.slow
+def test_each_experiment_is_read_from_its_own_commit(git_dvc_repo) -> None:
+    """The small results are committed with each experiment: a queued one's comparison.json
+    is read from its own commit, with no MLflow detour."""
+    repo = git_dvc_repo
+    (repo.path / "params.yaml").write_text("base:\n  seed: 0\n")
+    (repo.path / "dvc.yaml").write_text(_DVC_YAML)
+    (repo.path / "report.py").write_text(_STAGE)
+    repo.commit("init")
+    repo.run("dvc", "repro")
+    repo.commit("seed 0")
+    repo.run("dvc", "exp", "run", "--queue", "-S", "base.seed=1", "-n", "seed-one")
+    assert "Success" in repo.run_queue(deadline_s=240)
+    rows = seeds.with_comparisons(seeds.parse_rows(seeds.exp_show(repo.path)), repo.path)
+    by_seed = {(r.label, r.seed): r for r in rows if r.comparison}
+    assert by_seed[("workspace", 0)].comparison["arms/logit/test/logit_kl_t1"] == 1.0
+    assert by_seed[("seed-one", 1)].comparison["arms/logit/test/logit_kl_t1"] == 2.0
+    assert by_seed[("seed-one", 1)].metrics["test/logit_kl_t1"] == 3.0
+    selected = seeds.select(rows)
+    assert [r.seed for r in selected.rows] == [0, 1]

@@ -249,10 +249,11 @@ def test_stage_writes_teacher_and_metrics(bare_dir, token_dd, tmp_path, monkeypa
         "top5",
         "adapted",
         "adapt_steps",
-        "adapt_seconds",
         "masked_positions",
+        "runtime",  # what decided the numbers; the wall time goes to MLflow only
     }
     assert metrics["adapted"] is True and metrics["adapt_steps"] == 4
+    assert metrics["runtime"]["attention"] == "eager" and metrics["runtime"]["device"] == "cpu"
     assert 0 <= metrics["top1"] <= metrics["top5"] <= 1 and metrics["masked_positions"] > 0
     _, info = AutoModelForMaskedLM.from_pretrained(tmp_path / "teacher", output_loading_info=True)
     assert not info["missing_keys"]

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -210,16 +209,6 @@ stages:
 """
 
 
-def _wait_for_queue(repo, deadline_s: float = 240) -> str:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        status = repo.run("dvc", "queue", "status")
-        if not any(s in status for s in ("Queued", "Running")):
-            return status
-        time.sleep(2)
-    raise AssertionError(f"the DVC queue did not finish in {deadline_s}s:\n{status}")
-
-
 @pytest.mark.slow
 def test_dvc_experiments_track_into_the_parent_repo(git_dvc_repo) -> None:
     repo = git_dvc_repo
@@ -233,11 +222,7 @@ def test_dvc_experiments_track_into_the_parent_repo(git_dvc_repo) -> None:
     assert "Ran experiment(s): temp-exp" in out
 
     repo.run("dvc", "exp", "run", "--queue", "-S", "lr=0.7", "-n", "queued-exp")
-    try:
-        repo.run("dvc", "queue", "start")
-        status = _wait_for_queue(repo)
-    finally:
-        repo.run("dvc", "queue", "stop", timeout=60)
+    status = repo.run_queue(deadline_s=240)
     assert "Success" in status, status
 
     db = repo.path / "mlflow.db"

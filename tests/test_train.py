@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -110,9 +112,15 @@ def test_logs_every_term_and_per_layer_grad_norms(ds, tmp_path):
         "grad_norm/clipped",
         "lr",
         "tokens",
-        "seconds",
+        "flops",
+        "time/seconds",  # MLflow only: the rows (and the CSV made of them) hold results
     ]:
         assert key in row and math.isfinite(row[key]), key
+    assert "time/seconds" not in result.rows[-1] and "seconds" not in result.summary
+    assert result.timing["seconds"] > 0 and result.timing["tokens_per_s"] > 0
+    # FLOPs grow with the steps: one step's count over two logged steps.
+    flops = [r["flops"] for r in result.rows]
+    assert all(b > a for a, b in zip(flops, flops[1:], strict=False))
     assert row["grad_norm/clipped"] <= 1.0 + 1e-6
     assert result.summary["steps"] == 12
     assert result.summary["mean/grad_norm/layer_0"] > 0
@@ -137,18 +145,71 @@ def test_same_seed_same_weights_bit_identical(ds, tmp_path):
     assert [r["loss/total"] for r in ra.rows] == [r["loss/total"] for r in rb.rows]
 
 
-def test_interrupted_run_resumes_to_the_same_result(ds, tmp_path):
+def _interrupt_inside_step(monkeypatch, at_update: int) -> None:
+    """Ctrl-C (a real SIGINT) right after AdamW's ``at_update``-th update, before the training
+    loop has counted that step: the worst moment for a checkpoint."""
+    real, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == at_update:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def _interrupt_between_steps(at_step: int):
+    """A run handle that sends SIGINT while the loop logs step ``at_step``."""
+
+    class Run(FakeRun):
+        def log_metrics(self, metrics, step=None):
+            super().log_metrics(metrics, step)
+            if step == at_step:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    return Run()
+
+
+@pytest.mark.parametrize("where", ["between steps", "inside a step"])
+def test_interrupted_run_resumes_to_the_same_result(ds, tmp_path, monkeypatch, where):
     whole, r_whole, _ = run_train(ds, tmp_path / "whole")
-    with pytest.raises(SystemExit, match="interrupted at step 6"):
-        run_train(ds, tmp_path / "cut", run=FakeRun(stop_at=6))
+    with monkeypatch.context() as m:
+        if where == "inside a step":
+            _interrupt_inside_step(m, at_update=6)  # the update of step 6 (1-based) is applied
+            cut = None
+        else:
+            cut = _interrupt_between_steps(6)
+        with pytest.raises(SystemExit, match="interrupted at step 6"):
+            run_train(ds, tmp_path / "cut", run=cut)
     state = checkpoint.load(tmp_path / "cut" / "ckpt", "fp")
+    # The checkpoint holds six applied updates under step 6: none is applied twice on resume.
     assert state is not None and state["step"] == 6
     resumed, r_resumed, run = run_train(ds, tmp_path / "cut", resume=state)
     assert [s for s, _ in run.logged] == [8, 10, 12]  # continues at the right step
     assert student.weights_hash(resumed.student) == student.weights_hash(whole.student)
-    # Every logged value matches the uninterrupted run, except wall time.
-    untimed = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert untimed(r_resumed.rows) == untimed(r_whole.rows)
+    assert r_resumed.rows == r_whole.rows  # every logged value: the rows hold no wall time
+    assert r_resumed.summary == r_whole.summary
+
+
+def test_a_second_interrupt_stops_at_once_and_saves_nothing(ds, tmp_path, monkeypatch):
+    real, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # two signals inside the same step
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(SystemExit, match="interrupted again during step 3: nothing saved"):
+        run_train(ds, tmp_path)
+    # Nothing was written mid-step; no periodic checkpoint (every 4 steps) was reached yet.
+    assert checkpoint.load(tmp_path / "ckpt", "fp") is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 def test_checkpoint_from_other_params_is_ignored(tmp_path):
@@ -182,3 +243,30 @@ def test_non_finite_loss_stops_with_step_and_term(ds, tmp_path, monkeypatch):
     monkeypatch.setattr(kd.distill.losses, "hidden_mse", lambda s, t, m: real(s, t, m) * float("nan"))
     with pytest.raises(NonFiniteLoss, match=r"step 0 .*embedding, loss/hidden"):
         run_train(ds, tmp_path)
+
+
+def test_resume_fingerprint_follows_the_data_and_the_mask_rate(tmp_path):
+    """A checkpoint is continued only under the same inputs: the train tokens' content (not
+    only their schema), every file of the teacher, and the mask rate."""
+    from kd.core.params import parse_params
+    from stages.train import resume_fingerprint
+
+    teacher, tokens = tmp_path / "teacher", tmp_path / "tokens" / "train"
+    tokens.mkdir(parents=True)
+    teacher.mkdir()
+    (tokens / "dataset_info.json").write_text("{}")  # the schema: the same whatever the data
+    (tokens / "data-00000-of-00001.arrow").write_bytes(b"blocks")
+    (teacher / "model-00001-of-00002.safetensors").write_bytes(b"shard 1")
+    (teacher / "model-00002-of-00002.safetensors").write_bytes(b"shard 2")
+    p = parse_params({"paths": {"teacher": str(teacher), "tokens": str(tmp_path / "tokens")},
+                      "loss": {"schemes": {"logit": {"terms": {"logit": 1.0}}},
+                               "arms": ["logit"], "scheme": "logit"}})
+    masking = Masking("dynamic", 103, 30522, 0.15)
+    base = resume_fingerprint(p, "logit", masking, "init")
+    assert resume_fingerprint(p, "logit", masking, "init") == base
+    assert resume_fingerprint(p, "logit", Masking("dynamic", 103, 30522, 0.2), "init") != base
+    (tokens / "data-00000-of-00001.arrow").write_bytes(b"other blocks")
+    assert resume_fingerprint(p, "logit", masking, "init") != base
+    (tokens / "data-00000-of-00001.arrow").write_bytes(b"blocks")
+    (teacher / "model-00002-of-00002.safetensors").write_bytes(b"shard 2, retrained")
+    assert resume_fingerprint(p, "logit", masking, "init") != base

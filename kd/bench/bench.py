@@ -493,28 +493,18 @@ def time_steps(step, batches, warmup: int, steps: int, device: torch.device) -> 
 
 
 def row_flops(start: Start, scheme: Scheme, shape: Shape, row: str, batches) -> dict[str, int]:
-    """Model FLOPs of one step of ``row`` (kd/training/flops.py), heads at the positions it computes."""
-    t_enc = flops.Encoder.from_config(start.teacher.config)
-    s_enc = flops.Encoder.from_config(start.student.config)
-    terms = scheme.active_terms
-    d = Distiller(start.student, start.teacher, scheme)
-    n_proj = len(d.projections.maps) if d.projections is not None else 0
-    if scheme.projection == "shared" and d.projections is not None:
-        n_proj = ("embedding" in terms) + (len(d.layer_map) if "hidden" in terms else 0)
-    tokens = shape.batch_size * shape.seq_len
-    if "logit" not in terms:
+    """Model FLOPs of one step of ``row`` (kd/training/flops.py), heads at the positions it
+    computes."""
+    count = flops.StepFlops(Distiller(start.student, start.teacher, scheme), start.teacher.config)
+    project = row.startswith("project")
+    if count.where is None:
         positions = None
-    elif row.startswith("project"):
+    elif project:
         # Mean over the batches the row sees: the masked count varies with the draw.
-        positions = round(statistics.fmean(
-            int(logit_positions(b, scheme.logit_positions).sum()) for b in batches))
+        positions = round(statistics.fmean(count.positions(b) for b in batches))
     else:
-        positions = tokens  # the naive way runs the head everywhere
-    scores = len(d.layer_map) if "attention" in terms and row.startswith("project") else 0
-    return flops.step_flops(
-        t_enc, s_enc, shape.batch_size, shape.seq_len, head_positions=positions,
-        projections=n_proj, teacher_score_layers=scores, student_score_layers=scores,
-    )
+        positions = shape.batch_size * shape.seq_len  # the naive way runs the head everywhere
+    return count.parts(shape.batch_size, shape.seq_len, positions, recomputed_scores=project)
 
 
 def summarise(times: list[float], shape: Shape, fl: dict, peak_gflops: float, mem: PeakRSS):

@@ -2,9 +2,9 @@
 
 Two kinds of trained scheme:
 
-- the arms (``loss.arms``, default logit and multi): one ``train@<arm>`` / ``evaluate@<arm>``
-  stage each (DVC foreach), writing ``students/<arm>``, ``metrics/{train,eval}_<arm>.json`` and
-  ``plots/{train,eval}_<arm>*.csv``;
+- the arms (``loss.arms``, default logit and multi): one ``train@<arm>`` / ``evaluate@<arm>`` /
+  ``probe@<arm>`` stage each (DVC foreach), writing ``students/<arm>``, ``train/<arm>.{json,csv}``,
+  ``eval/<arm>*.{json,csv}`` and ``probe/<arm>.json``;
 - the scheme under study when it is not an arm (``dvc exp run -S loss.scheme=minilm``). DVC's
   foreach cannot iterate over "the arms plus one more value", so that scheme is trained and
   evaluated by ``train_scheme`` and ``evaluate_scheme``, whose outputs are fixed directories under
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from kd.core.io import atomic_dir, read_json, write_json
@@ -30,45 +30,70 @@ STAGE = {"train": "train", "eval": "evaluate", "probe": "probe"}  # part -> the 
 
 @dataclass(frozen=True)
 class Outputs:
-    """The files one trained scheme (or the floor) is made of, and the stages that write them."""
+    """The files one trained scheme (or the floor) is made of, and the stages that write them.
+
+    Each path is computed when it is asked for, from ``params.paths``: a stage then reads only
+    the ``paths.*`` keys of the files it touches, which are its deps and outs in dvc.yaml
+    (tests/test_dag_contract.py checks every key a stage reads is declared).
+    """
 
     name: str
-    student: Path
-    train_json: Path
-    train_csv: Path
-    eval_json: Path
-    eval_csv: Path
     train_stage: str
     eval_stage: str
-    probe_json: Path
     probe_stage: str
+    where: Callable[[str], Path]  # "student", "train.json", "train.csv", ... -> its path
+
+    @property
+    def student(self) -> Path:
+        return self.where("student")
+
+    @property
+    def train_json(self) -> Path:
+        return self.where("train.json")
+
+    @property
+    def train_csv(self) -> Path:
+        return self.where("train.csv")
+
+    @property
+    def eval_json(self) -> Path:
+        return self.where("eval.json")
+
+    @property
+    def eval_csv(self) -> Path:
+        return self.where("eval.csv")
+
+    @property
+    def probe_json(self) -> Path:
+        return self.where("probe.json")
 
     def eval_split_csv(self, split: str) -> Path:
         """One split's rows of ``eval_csv``: `dvc plots` cannot filter rows, overlays need them."""
         return self.eval_csv.with_name(f"{self.eval_csv.stem}_{split}.csv")
 
 
+def _per_kind(p, name: str, student: Callable[[], Path]) -> Callable[[str], Path]:
+    """Where an arm's (or the floor's) files live: one folder per kind of result."""
+
+    def where(part: str) -> Path:
+        if part == "student":
+            return student()
+        kind, suffix = part.split(".")
+        folder = {"train": lambda: p.paths.train, "eval": lambda: p.paths.eval,
+                  "probe": lambda: p.paths.probe}[kind]()
+        return folder / f"{name}.{suffix}"
+
+    return where
+
+
 def of_arm(p, arm: str) -> Outputs:
-    metrics, plots = p.paths.metrics, p.paths.plots
-    return Outputs(
-        arm,
-        p.paths.students / arm,
-        metrics / f"train_{arm}.json",
-        plots / f"train_{arm}.csv",
-        metrics / f"eval_{arm}.json",
-        plots / f"eval_{arm}.csv",
-        f"train@{arm}",
-        f"evaluate@{arm}",
-        p.paths.probe / f"{arm}.json",
-        f"probe@{arm}",
-    )
+    return Outputs(arm, f"train@{arm}", f"evaluate@{arm}", f"probe@{arm}",
+                   _per_kind(p, arm, lambda: p.paths.students / arm))
 
 
 def of_floor(p) -> Outputs:
-    out = of_arm(p, FLOOR)
-    return replace(
-        out, student=p.paths.student_init, eval_stage="evaluate_init", probe_stage="probe_init"
-    )
+    return Outputs(FLOOR, "init_student", "evaluate_init", "probe_init",
+                   _per_kind(p, FLOOR, lambda: p.paths.student_init))
 
 
 def teacher_probe_json(p) -> Path:
@@ -81,21 +106,14 @@ def of_scheme(
 ) -> Outputs:
     """The scheme stages' outputs; ``train_dir``/``eval_dir``/``probe_dir`` redirect them while
     writing."""
-    t = train_dir or p.paths.scheme / "train"
-    e = eval_dir or p.paths.scheme / "eval"
-    r = probe_dir or p.paths.scheme / "probe"
-    return Outputs(
-        p.loss.scheme,
-        t / "student",
-        t / "train.json",
-        t / "train.csv",
-        e / "eval.json",
-        e / "eval.csv",
-        "train_scheme",
-        "evaluate_scheme",
-        r / "probe.json",
-        "probe_scheme",
-    )
+
+    def where(part: str) -> Path:
+        kind = "train" if part == "student" else part.split(".")[0]
+        given = {"train": train_dir, "eval": eval_dir, "probe": probe_dir}[kind]
+        folder = given or p.paths.scheme / kind
+        return folder / ("student" if part == "student" else part)
+
+    return Outputs(p.loss.scheme, "train_scheme", "evaluate_scheme", "probe_scheme", where)
 
 
 def compared(p) -> list[Outputs]:
@@ -121,8 +139,10 @@ def writing(p, arm: str | None, part: str) -> Iterator[Outputs | None]:
     is an arm, the stage writes its note and yields None: there is nothing to compute.
     """
     if arm is not None:
-        if arm not in p.loss.arms:
-            raise SystemExit(f"--arm {arm!r} is not in loss.arms {p.loss.arms}")
+        # Only the arm's own scheme is read: a stage that looked at loss.arms would have to
+        # declare it, and then adding an arm would rerun every other arm.
+        if arm not in p.loss.schemes:
+            raise SystemExit(f"--arm {arm!r} is not a scheme of loss.schemes")
         yield of_arm(p, arm)
         return
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone writes

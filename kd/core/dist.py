@@ -56,6 +56,16 @@ def mean(values: dict[str, float], dist: Dist, device: torch.device) -> dict[str
     return dict(zip(keys, (t / dist.world).tolist(), strict=True))
 
 
+def any_rank(flag: bool, dist: Dist, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank; every rank gets the same answer (so all stop
+    together: one rank leaving the loop alone would leave the others waiting in all-reduce)."""
+    if not dist.active:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier(dist: Dist) -> None:
     if dist.active:
         tdist.barrier()

@@ -1,4 +1,4 @@
-"""Writing outputs so that a half-written one is never mistaken for a finished one.
+"""Writing outputs so that a half-written one is never mistaken for a finished one; digests.
 
 Every file or directory a stage declares as a DVC out is written to a temporary sibling and
 renamed into place at the end: a rename within one filesystem is atomic, so a killed stage leaves
@@ -8,6 +8,7 @@ either the previous output or none, never a truncated one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -75,3 +76,22 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 def read_json(path: str | os.PathLike):
     return json.loads(Path(path).read_text())
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dir_digest(path: str | os.PathLike) -> str:
+    """SHA-256 over every file under ``path``, by relative name and content digest: what a
+    folder holds, whatever its layout (a sharded model's several weight files, a dataset's
+    Arrow files beside a schema-only JSON, 2,225 text files)."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + file_digest(f).encode())
+    return h.hexdigest()

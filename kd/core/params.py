@@ -8,9 +8,12 @@ ignored key is a silently wrong experiment.
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,8 +40,24 @@ LOSS_TERMS = (
 INTERMEDIATE_TERMS = tuple(t for t in LOSS_TERMS if t != "logit")
 
 
+# The params reads being recorded, if any (see "Which keys a stage reads" at the end).
+_trace: Trace | None = None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Reads are recorded only while a trace is on (see "Which keys a stage reads" below).
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        if _trace is not None and name in type(self).model_fields:
+            _trace.read(self, name, value)
+        return value
+
+    def model_dump(self, **kwargs) -> dict[str, Any]:
+        if _trace is not None:
+            _trace.read_all(self)
+        return super().model_dump(**kwargs)
 
 
 class Base(Strict):
@@ -52,16 +71,18 @@ class Base(Strict):
 
 class Paths(Strict):
     params_ok: Path = Path("data/params.ok")
+    inputs: Path = Path("data/inputs.json")
     corpus: Path = Path("data/corpus")
     tokens: Path = Path("data/tokens")
     teacher: Path = Path("data/teacher")
     student_init: Path = Path("data/student_init")
     students: Path = Path("data/students")
     scheme: Path = Path("data/scheme")
-    probe: Path = Path("data/probe")
     checkpoints: Path = Path("data/checkpoints")
     metrics: Path = Path("data/metrics")
-    plots: Path = Path("data/plots")
+    train: Path = Path("data/train")
+    eval: Path = Path("data/eval")
+    probe: Path = Path("data/probe")
     report: Path = Path("data/report")
     distilled: Path = Path("data/distilled")
     quantize: Path = Path("data/quantize")
@@ -373,9 +394,14 @@ def _format(err: ValidationError, path: Path) -> str:
 def parse_params(raw: dict, source: Path | str = "params.yaml") -> Params:
     """Validate an already-loaded params mapping; raises :class:`ParamsError`."""
     try:
-        return Params.model_validate(raw or {})
+        params = Params.model_validate(raw or {})
     except ValidationError as err:
         raise ParamsError(_format(err, Path(source))) from None
+    if _trace is None and os.environ.get(TRACE_ENV):
+        start_trace(Path(os.environ[TRACE_ENV]))
+    if _trace is not None:
+        _trace.index(params)
+    return params
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
@@ -391,3 +417,70 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
         raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
     return parse_params(raw, path)
 
+
+
+# --- Which keys a stage reads --------------------------------------------------------------------
+# DVC reruns a stage when a params key it declares changes, so a key a stage reads without
+# declaring it is a change that silently reruns nothing. With KD_TRACE_PARAMS set to a folder,
+# every process records the dotted keys it reads (a field's value, or a whole section through
+# model_dump) and writes them there on exit, named after DVC's DVC_STAGE; the DAG-contract test
+# (tests/test_dag_contract.py) compares them with each stage's `params:` in dvc.yaml.
+
+TRACE_ENV = "KD_TRACE_PARAMS"
+
+
+class Trace:
+    """The keys read from validated params in this process."""
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+        self._prefix: dict[int, str] = {}  # id(model) -> its dotted key, "" for the root
+
+    def index(self, model: Strict, prefix: str = "") -> None:
+        """Remember where every model in ``model``'s tree sits in params.yaml."""
+        self._prefix[id(model)] = prefix
+        for name in type(model).model_fields:
+            value = object.__getattribute__(model, name)
+            if isinstance(value, Strict):
+                self.index(value, f"{prefix}{name}.")
+            elif isinstance(value, dict):
+                for key, item in value.items():
+                    if isinstance(item, Strict):
+                        self.index(item, f"{prefix}{name}.{key}.")
+
+    def read(self, model: Strict, name: str, value: Any) -> None:
+        prefix = self._prefix.get(id(model))
+        # A section, or a mapping of sections (loss.schemes): what counts is what is read in it.
+        container = isinstance(value, Strict) or (
+            isinstance(value, dict) and any(isinstance(v, Strict) for v in value.values())
+        )
+        if prefix is not None and not container:
+            self.keys.add(prefix + name)
+
+    def read_all(self, model: Strict) -> None:
+        prefix = self._prefix.get(id(model))
+        if prefix:
+            self.keys.add(prefix.removesuffix("."))
+        elif prefix == "":
+            self.keys.update(type(model).model_fields)
+
+    def dump(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        stage = os.environ.get("DVC_STAGE", "no-stage")
+        record = {"stage": stage, "argv": sys.argv, "keys": sorted(self.keys)}
+        name = f"{stage.replace('/', '_')}-{os.getpid()}.json"
+        (folder / name).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def start_trace(folder: Path | None = None) -> Trace:
+    """Record params reads from now on; with ``folder``, write them there when the process exits."""
+    global _trace
+    _trace = Trace()
+    if folder is not None:
+        atexit.register(_trace.dump, folder)
+    return _trace
+
+
+def stop_trace() -> None:
+    global _trace
+    _trace = None

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import os
 import random
+from importlib import metadata
 
 import numpy as np
 import torch
@@ -48,11 +49,49 @@ def _cpu_flags() -> str:
     return ""
 
 
+def effective_precision(device: torch.device, precision: str) -> str:
+    """The precision :func:`autocast` really uses: bf16 only where asked for and supported."""
+    return "bf16" if precision == "bf16" and bf16_supported(device) else "fp32"
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast where asked for and supported; a no-op context otherwise."""
-    if precision == "bf16" and bf16_supported(device):
+    if effective_precision(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# The libraries whose versions change a stage's numbers (and so the hashes DVC compares).
+VERSIONED = ("torch", "transformers", "tokenizers", "datasets", "numpy")
+
+
+def record(
+    device: torch.device | None = None, precision: str | None = None, attention: str | None = None
+) -> dict[str, object]:
+    """What decided a stage's numbers besides its inputs and params, for its outputs and MLflow.
+
+    The device (a GPU by its name: another model computes other sums), the precision
+    :func:`autocast` really used (bf16 falls back to fp32 on a CPU without AVX512-BF16/AMX),
+    the attention kernel of a model being trained, torch's thread count (it sets the order of
+    float sums) and the versions of :data:`VERSIONED`. The same on the same kind of machine,
+    so it can sit in an output DVC hashes; wall-clock times and host names never do.
+    """
+    out: dict[str, object] = {}
+    if device is not None:
+        out["device"] = device.type
+        if device.type == "cuda":
+            out["device"] = f"cuda:{torch.cuda.get_device_name(device)}"
+        if precision is not None:
+            out["precision"] = effective_precision(device, precision)
+    if attention is not None:
+        out["attention"] = attention
+    out["threads"] = torch.get_num_threads()
+    for package in VERSIONED:
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    return out
 
 
 def attention_implementation(choice: str, device: torch.device) -> str:
@@ -113,12 +152,18 @@ def keep_freed_memory() -> bool:
     )
 
 
-def setup(base: Base, seed: int | None = None) -> tuple[torch.device, torch.Generator]:
-    """Apply threads, the allocator setting and the seed (``base.seed`` unless the stage has
-    its own); return the device and the stage's explicit generator."""
-    if base.threads:
-        torch.set_num_threads(base.threads)
+def configure(threads: int = 0) -> None:
+    """Process-wide settings for a stage: torch's intra-op threads (0 keeps torch's default,
+    one per core), the allocator (:func:`keep_freed_memory`), and no tokenizers fork warnings."""
+    if threads:
+        torch.set_num_threads(threads)
     keep_freed_memory()
     # Tokenizers fork-parallelism warns (and can deadlock) once torch has started threads.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def setup(base: Base, seed: int | None = None) -> tuple[torch.device, torch.Generator]:
+    """For a stage that computes on a device: :func:`configure` with ``base.threads``, the seed
+    (``base.seed`` unless the stage has its own); returns the device and an explicit generator."""
+    configure(base.threads)
     return pick_device(base), set_seed(base.seed if seed is None else seed)

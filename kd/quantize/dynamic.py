@@ -19,7 +19,8 @@ Measured for the fp32 student and its quantized copy, on the same inputs:
                            quantized one is kept as ``student_<dtype>.pt``)
   latency_ms/b<n>          median wall time of one masked-LM forward of n sequences of
                            ``latency_seq_length`` tokens, after ``warmup_batches`` untimed ones;
-                           latency_ms_per_seq/b<n> divides it by n
+                           latency_ms_per_seq/b<n> divides it by n. Wall time: these go to
+                           ``Result.latency`` (MLflow), never into the metrics DVC hashes
 and for the quantized copy against fp32: kl_to_fp32 (KL(p_fp32 ‖ p_int8), T = 1) and
 agreement_with_fp32, at the same positions. With ``quantize.probe`` on, also
   probe_linear_acc         kd.probe.probe's linear probe (its data, split and classifier) on each
@@ -171,7 +172,8 @@ def probe_accuracy(models: dict[str, nn.Module], tokenizer, cfg: Probe) -> dict[
 
 @dataclass
 class Result:
-    metrics: dict[str, float | int | str] = field(default_factory=dict)
+    metrics: dict[str, float | int | str] = field(default_factory=dict)  # deterministic
+    latency: dict[str, float] = field(default_factory=dict)  # wall time: MLflow only
     rows: list[dict] = field(default_factory=list)
     quantized: nn.Module | None = None
 
@@ -211,20 +213,43 @@ def run(
     out[f"{FP32}/size_bytes"] = state_dict_bytes(student, "student_fp32")
     out[f"{QUANT}/size_bytes"] = save_state_dict(quantized, Path(out_dir) / model_file(cfg))
     out["size_ratio"] = out[f"{QUANT}/size_bytes"] / out[f"{FP32}/size_bytes"]
+    if probe_with is not None:
+        out.update(probe_accuracy(models, *probe_with))
+    latency: dict[str, float] = {}
     for n in cfg.latency_batch_sizes:
         inputs = latency_inputs(test, n, cfg.latency_seq_length)
         for name, model in models.items():
             ms = latency_ms(model, inputs, cfg.warmup_batches, cfg.latency_batches)
-            out[f"{name}/latency_ms/b{n}"] = ms
-            out[f"{name}/latency_ms_per_seq/b{n}"] = ms / n
-        out[f"speedup/b{n}"] = out[f"{FP32}/latency_ms/b{n}"] / out[f"{QUANT}/latency_ms/b{n}"]
-    if probe_with is not None:
-        out.update(probe_accuracy(models, *probe_with))
-    return Result(metrics=out, rows=rows, quantized=quantized)
+            latency[f"{name}/latency_ms/b{n}"] = ms
+            latency[f"{name}/latency_ms_per_seq/b{n}"] = ms / n
+        latency[f"speedup/b{n}"] = (
+            latency[f"{FP32}/latency_ms/b{n}"] / latency[f"{QUANT}/latency_ms/b{n}"]
+        )
+    return Result(metrics=out, latency=latency, rows=rows, quantized=quantized)
 
 
-def markdown(m: dict, cfg: Quantize, threads: int) -> str:
-    """A short report of one :func:`run`."""
+def latency_markdown(lat: dict, cfg: Quantize, threads: int) -> str:
+    """The timing half of the report (for MLflow: wall time never goes into an output DVC
+    hashes)."""
+    lines = [
+        f"# Latency, fp32 vs {cfg.dtype}",
+        "",
+        f"On {threads} CPU thread(s): median of {cfg.latency_batches} forwards of "
+        f"{cfg.latency_seq_length}-token sequences after {cfg.warmup_batches} warm-up ones.",
+        "",
+        f"| batch | fp32 (ms per sequence) | {cfg.dtype} (ms per sequence) | speed-up |",
+        "|---|---|---|---|",
+    ]
+    for n in cfg.latency_batch_sizes:
+        lines.append(
+            f"| {n} | {lat[f'{FP32}/latency_ms_per_seq/b{n}']:.2f} | "
+            f"{lat[f'{QUANT}/latency_ms_per_seq/b{n}']:.2f} | {lat[f'speedup/b{n}']:.2f}× |"
+        )
+    return "\n".join([*lines, ""])
+
+
+def markdown(m: dict, cfg: Quantize) -> str:
+    """A short report of one :func:`run`'s scores and sizes (its latency: MLflow)."""
 
     def row(label: str, key: str, fmt: str) -> str:
         return f"| {label} | {m[f'{FP32}/{key}']:{fmt}} | {m[f'{QUANT}/{key}']:{fmt}} |"
@@ -235,9 +260,8 @@ def markdown(m: dict, cfg: Quantize, threads: int) -> str:
         f"The distilled student with every Linear layer dynamically quantized to {cfg.dtype} "
         f"({m[f'{QUANT}/linear_layers']} layers), against the same student in fp32. Scores on "
         f"the {m['positions']} masked positions of the first {m['test_batches']} test batches "
-        f"(fixed masks); latency on {threads} CPU thread(s), median of {cfg.latency_batches} "
-        f"forwards of {cfg.latency_seq_length}-token sequences after {cfg.warmup_batches} "
-        "warm-up ones.",
+        "(fixed masks). Latency is wall time, so it is logged to MLflow (the quantize run's "
+        "`latency.md` and `latency_ms/...` metrics) rather than written here.",
         "",
         f"| | fp32 | {cfg.dtype} |",
         "|---|---|---|",
@@ -249,14 +273,11 @@ def markdown(m: dict, cfg: Quantize, threads: int) -> str:
         f"| state_dict size (MB) | {m[f'{FP32}/size_bytes'] / 1e6:.1f} | "
         f"{m[f'{QUANT}/size_bytes'] / 1e6:.1f} |",
     ]
-    for n in cfg.latency_batch_sizes:
-        lines.append(row(f"latency per sequence, batch {n} (ms)", f"latency_ms_per_seq/b{n}", ".2f"))
     if f"{QUANT}/probe_linear_acc" in m:
         lines.append(row("linear probe accuracy (CPU, fp32 features)", "probe_linear_acc", ".3f"))
-    speedups = ", ".join(f"{m[f'speedup/b{n}']:.2f}× at batch {n}" for n in cfg.latency_batch_sizes)
     lines += [
         "",
-        f"The quantized model is {m['size_ratio']:.0%} of the fp32 size and runs {speedups}. "
+        f"The quantized model is {m['size_ratio']:.0%} of the fp32 size. "
         f"Against the fp32 student it agrees on {m[f'{QUANT}/agreement_with_fp32']:.1%} of the "
         f"top-1 predictions (KL {m[f'{QUANT}/kl_to_fp32']:.4f}). The decoder is tied to the "
         "word embeddings in fp32; quantizing it adds an int8 copy while the fp32 table stays, so "

@@ -2,10 +2,11 @@
 
 Everything here reads the evaluate and train stages' outputs (kd/core/arms.py says where each trained
 scheme's live); nothing is computed twice and no number in the text is written by
-hand. "Logit loss" in the comparisons is the KL at T = 1 (``logit_kl_t1``), which is the training
-KL for T = 1 arms and stays comparable when the arms were trained at different temperatures.
+hand. "Logit loss" in the comparisons is the KL at T = 1 at the fixed masked positions
+(``logit_kl_t1``) for every student, whatever positions and temperature its scheme trained with.
 "Average gradient norm" is the seed's Figure 5 quantity: the per-layer gradient norms (before
-clipping) of the student's transformer layers, averaged over layers and steps.
+clipping) of the student's transformer layers, averaged over layers and steps; the "global" norm
+is over the student's own parameters (the projections have their own group).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from kd.core.arms import Outputs
 from kd.core.io import atomic_dir, read_json
 from kd.core.params import Scheme
 
-# Headline keys that must exist for every arm, so `dvc exp show` columns line up.
+# Keys that must exist for every arm in comparison.json, so every arm's block has them.
 CORE_KEYS = (
-    "train/logit_kl",
+    "train/logit_kl_train_t",
     "train/logit_kl_t1",
-    "test/logit_kl",
+    "test/logit_kl_train_t",
     "test/logit_kl_t1",
     "train/mlm_top1",
     "test/mlm_loss",
@@ -96,8 +97,8 @@ def arm_metrics(arm: Arm) -> dict[str, float | None]:
         out["mean_grad_norm"] = sum(layers) / len(layers) if layers else None
         out["mean_grad_norm_global"] = arm.train.get("mean/grad_norm/global")
         out["train_steps"] = arm.train.get("steps")
+        out["train_flops"] = arm.train.get("flops")
         out["train_final_loss"] = arm.train.get("final/loss/total")
-        out["train_tokens_per_s"] = arm.train.get("tokens_per_s")
     return out
 
 
@@ -142,11 +143,12 @@ def findings(arms: list[Arm]) -> dict:
     return out
 
 
-def eval_metrics(arms: list[Arm], headline: str, floor: Arm | None = None) -> dict:
-    """``data/metrics/eval.json``: headline arm's keys, ``arms/<arm>/...``, ``floor/...``."""
+def comparison(arms: list[Arm], headline: str, floor: Arm | None = None) -> dict:
+    """``data/metrics/comparison.json``: every number the report compares. The headline arm's
+    keys, then ``arms/<arm>/...`` for every arm (every key in every block, null where it does
+    not apply), ``floor/...`` for the initial student and ``findings/...``."""
     per_arm = {a.name: arm_metrics(a) for a in arms}
     keys = list(dict.fromkeys([*CORE_KEYS, *(k for m in per_arm.values() for k in m)]))
-    # Every key in every block (null where it does not apply), so columns line up.
     full = {name: {k: m.get(k) for k in keys} for name, m in per_arm.items()}
     out: dict = {"scheme": headline, **full[headline]}
     for name, m in full.items():
@@ -155,6 +157,36 @@ def eval_metrics(arms: list[Arm], headline: str, floor: Arm | None = None) -> di
         out.update({f"floor/{k}": v for k, v in arm_metrics(floor).items()})
     out.update(findings(arms))
     return out
+
+
+# What `dvc exp show` and `dvc metrics diff` compare: the headline scheme's scores under
+# scheme-neutral keys, so the columns line up across experiments whatever their loss.scheme.
+HEADLINE = (
+    "train/logit_kl_t1",
+    "test/logit_kl_t1",
+    "test/mlm_top1",
+    "test/agreement",
+    "test/teacher_mlm_top1",
+    "test/hidden_lstsq",
+    "test/attention_probs",
+    "mean_grad_norm",
+    "train_final_loss",
+    "probe_linear_acc",
+    "probe_finetune_acc",
+)
+# What decided the numbers (kd.core.runtime.record), from the headline arm's evaluation.
+RUNTIME = ("device", "precision", "threads", "torch", "transformers")
+
+
+def headline_metrics(compared: dict, headline_arm: Arm) -> dict:
+    """``data/metrics/eval.json`` (the one file declared as DVC metrics): the scheme's name,
+    :data:`HEADLINE` from ``compared`` and :data:`RUNTIME`."""
+    runtime = headline_arm.eval.get("runtime") or {}
+    return {
+        "scheme": compared["scheme"],
+        **{k: compared.get(k) for k in HEADLINE},
+        "runtime": {k: runtime.get(k) for k in RUNTIME},
+    }
 
 
 # --- figures ------------------------------------------------------------------------------
@@ -226,16 +258,18 @@ def figures(arms: list[Arm], out: Path) -> list[Path]:
     paths.append(_save(fig, out / "fig6_grad_norm_per_layer.png"))
 
     # Matched compute: the arms see the same tokens per step but not the same cost per step.
-    with_logit = [a for a in arms if {"loss/logit", "tokens", "seconds"} <= set(a.steps.columns)]
+    # Model FLOPs (counted from shapes, kd/training/flops.py), not wall time: a figure DVC
+    # hashes must come out the same on every run.
+    with_logit = [a for a in arms if {"loss/logit", "tokens", "flops"} <= set(a.steps.columns)]
     if with_logit:
         fig = Figure(figsize=(11, 4))
         left, right = fig.subplots(1, 2)
         for arm in with_logit:
             left.plot(arm.steps["tokens"] / 1e6, arm.steps["loss/logit"], label=arm.name)
-            right.plot(arm.steps["seconds"] / 60, arm.steps["loss/logit"], label=arm.name)
+            right.plot(arm.steps["flops"] / 1e12, arm.steps["loss/logit"], label=arm.name)
         left.set(title="Training logit loss vs tokens seen", xlabel="tokens (millions)",
                  ylabel="logit loss (training T)")
-        right.set(title="Training logit loss vs wall time", xlabel="minutes")
+        right.set(title="Training logit loss vs model FLOPs", xlabel="TFLOP")
         left.legend()
         right.legend()
         paths.append(_save(fig, out / "fig7_matched_compute.png"))
@@ -424,18 +458,18 @@ def markdown(arms: list[Arm], headline: str, figs: list[Path], floor: Arm | None
                 "T",
                 "train KL (T=1)",
                 "test KL (T=1)",
-                "train KL (T)",
-                "test KL (T)",
+                "train KL (final T)",
+                "test KL (final T)",
             ],
             [
                 [
                     a.name,
                     ", ".join(a.scheme.active_terms) if a.scheme else "(initial)",
-                    _value(a.eval.get("temperature")),
+                    _value(a.eval.get("train_temperature")),
                     fm[a.name].get("train/logit_kl_t1"),
                     fm[a.name].get("test/logit_kl_t1"),
-                    fm[a.name].get("train/logit_kl"),
-                    fm[a.name].get("test/logit_kl"),
+                    fm[a.name].get("train/logit_kl_train_t"),
+                    fm[a.name].get("test/logit_kl_train_t"),
                 ]
                 for a in judged
             ],
@@ -445,7 +479,8 @@ def markdown(arms: list[Arm], headline: str, figs: list[Path], floor: Arm | None
     lines += [
         "## Gradient norms during training (Figure 5)",
         "",
-        "Per-group L2 norms of the total loss's gradient before clipping, averaged over steps. A "
+        "Per-group L2 norms of the total loss's gradient before clipping, averaged over steps; "
+        "*global* is over the student's own parameters, the same set in every arm. A "
         "multi-loss arm's total has more terms, so part of a larger norm is simply more loss.",
         "",
         *_table(
@@ -559,7 +594,7 @@ def read_probes(files: dict[str, Path]) -> dict | None:
               if k in ("dataset", "classes", "n_classes", "n_train", "n_test", "majority_acc")}
     for name, result in found.items():
         merged.update({f"{name}/{k}": v for k, v in result.items()
-                       if k in ("linear_acc", "finetune_acc", "seconds")})
+                       if k in ("linear_acc", "finetune_acc")})
     return merged
 
 

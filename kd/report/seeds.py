@@ -17,6 +17,10 @@ experiment is listed *with its baseline's metrics*, so its numbers would silentl
 another seed: it is skipped on its error, never on its numbers. One row per seed: the
 workspace's when it is among them (it is what the user sees), else the newest.
 
+Each kept row's per-arm numbers come from the report's ``data/metrics/comparison.json`` as the
+row's own commit holds it (``git show <rev>:...``; the workspace's from disk): the small results
+are committed to git, so every experiment, queued ones included, carries its own.
+
 Statistics, with n seeds and t = t_{0.975, n-1} (Student's t):
     mean, sample sd (ddof 1), 95% CI = mean ± t · sd / √n
 and for a pair of arms, the same on the per-seed difference d_s = other_s − base_s, plus the
@@ -45,12 +49,12 @@ from pathlib import Path
 from scipy import stats
 
 from kd.core.io import atomic_file, write_json
-from kd.core.tracking import EXPERIMENT, flatten, repo_root, start_run, tracking_uri
+from kd.core.tracking import flatten, repo_root, start_run
 from kd.report.report import CLAIMS, fmt
 
 SEED_KEY = "base.seed"
 LEVEL = 0.95
-# Per-arm keys of data/metrics/eval.json that are aggregated, besides any `probe_*` key.
+# Per-arm keys of data/metrics/comparison.json that are aggregated, besides any `probe_*` key.
 HEADLINE = (
     "train/logit_kl_t1",
     "test/logit_kl_t1",
@@ -60,6 +64,7 @@ HEADLINE = (
 )
 PROBE_PREFIX = "probe_"
 METRICS_DIR = "data/metrics"  # params.yaml's paths.metrics, when a row's params lack it
+COMPARISON = "comparison.json"  # the report's per-arm numbers, beside eval.json
 QUEUE_HINT = "dvc exp run --queue -S 'base.seed=1,2' && dvc queue start"
 HOLDS, REVERSED, UNCLEAR = "holds", "reversed", "not distinguishable"
 
@@ -78,6 +83,7 @@ class Row:
     state: str | None  # the queue's executor state (queued, running, success, failed), if any
     params: dict[str, object]  # params.yaml, flattened to dotted keys
     metrics: dict | None  # eval.json's keys, None when the row has none
+    comparison: dict | None = None  # its commit's comparison.json (with_comparisons)
 
     @property
     def label(self) -> str:
@@ -144,37 +150,22 @@ def exp_show(cwd: Path | None = None) -> list:
     return json.loads(out.stdout)
 
 
-def with_mlflow_metrics(rows: Sequence[Row], uri: str | None = None) -> list[Row]:
-    """Rows whose eval.json is missing, completed from their `report` stage's MLflow run.
+def comparison_at(row: Row, root: Path) -> dict | None:
+    """The report's comparison.json as ``row``'s commit holds it (the workspace's: on disk)."""
+    rel = f"{row.params.get('paths.metrics', METRICS_DIR)}/{COMPARISON}"
+    if row.rev == "workspace":
+        path = root / rel
+        return json.loads(path.read_text()) if path.exists() else None
+    out = subprocess.run(
+        ["git", "show", f"{row.rev}:{rel}"], cwd=root, capture_output=True, text=True
+    )
+    return json.loads(out.stdout) if out.returncode == 0 else None
 
-    A queued experiment's commit holds its params and dvc.lock but not its metrics: ``data/`` is
-    git-ignored and the metrics are ``cache: false`` outputs, so ``dvc exp show`` lists the
-    experiment without numbers. Its report stage logged the same eval.json keys to MLflow,
-    tagged ``kd.dvc_exp`` with the experiment's name (kd/core/tracking.py); the newest such run is
-    used. Without a reachable tracking backend the rows stay as they are.
-    """
-    missing = {r.name for r in rows if r.metrics is None and r.name and r.error is None}
-    if not missing:
-        return list(rows)
-    try:
-        from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=uri or tracking_uri())
-        exp = client.get_experiment_by_name(EXPERIMENT)
-        runs = client.search_runs(
-            [exp.experiment_id], "tags.`kd.stage` = 'report'",
-            order_by=["attributes.start_time DESC"],
-        ) if exp else []
-    except Exception as err:  # noqa: BLE001 - any backend failure leaves the rows as they were
-        print(f"MLflow unreachable ({err}); experiments without eval.json stay without numbers")
-        return list(rows)
-    found: dict[str, dict] = {}
-    for run in runs:
-        name = run.data.tags.get("kd.dvc_exp")
-        if name in missing and name not in found and run.info.status == "FINISHED":
-            found[name] = dict(run.data.metrics)
-    return [replace(r, metrics=found[r.name]) if r.metrics is None and r.name in found else r
-            for r in rows]
+def with_comparisons(rows: Sequence[Row], root: Path | None = None) -> list[Row]:
+    """``rows`` with each finished one's comparison.json filled in."""
+    root = root or repo_root()
+    return [replace(r, comparison=comparison_at(r, root)) if r.metrics else r for r in rows]
 
 
 # --- which rows count ------------------------------------------------------------------------
@@ -199,6 +190,9 @@ def _skip_reason(row: Row, reference: Row) -> str | None:
         return row.state
     if not row.metrics:
         return "no eval.json in its metrics (not run?)"
+    if not row.comparison:
+        return (f"its commit holds no {METRICS_DIR}/{COMPARISON} (run before the results were "
+                "committed to git?)")
     if row.seed is None:
         return f"no {SEED_KEY} in its params"
     diff = _differs(row.params, reference.params)
@@ -305,7 +299,7 @@ def verdict(ci_low: float | None, ci_high: float | None, lower: bool) -> str:
 
 def arm_names(rows: Sequence[Row], params: Mapping) -> list[str]:
     """Arms with ``arms/<arm>/...`` keys in any row; loss.arms' order first."""
-    found = {k.split("/")[1] for r in rows for k in r.metrics if k.startswith("arms/")}
+    found = {k.split("/")[1] for r in rows for k in r.comparison if k.startswith("arms/")}
     listed = [a for a in params.get("loss.arms") or [] if a in found]
     return listed + sorted(found - set(listed))
 
@@ -315,7 +309,7 @@ def metric_names(rows: Sequence[Row], arm: str) -> list[str]:
     probes = {
         k.removeprefix(prefix)
         for r in rows
-        for k in r.metrics
+        for k in r.comparison
         if k.startswith(prefix + PROBE_PREFIX)
     }
     return [*HEADLINE, *sorted(probes)]
@@ -342,7 +336,7 @@ def aggregate(selection: Selection, level: float = LEVEL) -> dict:
     arms = arm_names(rows, params)
 
     def values(arm: str, key: str) -> list:
-        return [r.metrics.get(f"arms/{arm}/{key}") for r in rows]
+        return [r.comparison.get(f"arms/{arm}/{key}") for r in rows]
 
     per_arm = {
         arm: {
@@ -485,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     tree = json.loads(args.json.read_text()) if args.json else exp_show()
-    selection = select(with_mlflow_metrics(parse_rows(tree)))
+    selection = select(with_comparisons(parse_rows(tree)))
     for note in selection.notes:
         print(note)
     result = aggregate(selection)

@@ -7,8 +7,8 @@ combined loss then backpropagates through (``retain_graph``): no extra forward r
 number is drawn, so training follows exactly the same trajectory with attribution on or off. By
 linearity Σ_k g_k = ∇_θ Σ_k w_k L_k, the gradient that trains (a test checks it).
 
-Reported per term k: ‖g_k‖₂ per layer group (the groups of kd/training/gradnorm.py) and over all
-parameters; and for each pair of terms the cosine of their gradients over the parameters both
+Reported per term k: ‖g_k‖₂ per layer group (the groups of kd/training/gradnorm.py), over the
+student's parameters (``global``, as gradnorm's) and over every trained parameter (``total``); and for each pair of terms the cosine of their gradients over the parameters both
 reach, cos(g_a, g_b) = ⟨g_a, g_b⟩ / (‖g_a‖ ‖g_b‖) — negative when the terms pull the shared
 weights in opposing directions. Under DDP each rank attributes its own share of the batch and
 rank 0 reports its share (the gradients are not all-reduced for this diagnostic).
@@ -17,6 +17,7 @@ rank 0 reports its share (the gradients are not all-reduced for this diagnostic)
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 
 import torch
 from torch import Tensor
@@ -61,8 +62,10 @@ def summarize(
     grads: dict[str, list[Tensor | None]],
     params: list[Parameter],
     groups: dict[str, list[Parameter]],
+    extra: Collection[str] = (),
 ) -> dict[str, float]:
-    """``attr/<term>/<group>`` norms (plus ``/global``) and ``attr/cos/<a>~<b>`` cosines."""
+    """``attr/<term>/<group>`` norms (plus ``/global`` over the groups not in ``extra``, the
+    student's, and ``/total``) and ``attr/cos/<a>~<b>`` cosines."""
     index = {id(p): i for i, p in enumerate(params)}
     out: dict[str, float] = {}
     for term, gs in grads.items():
@@ -72,7 +75,9 @@ def summarize(
         for group, members in groups.items():
             s = sum((sq[index[id(p)]] for p in members if sq[index[id(p)]] is not None), total)
             out[f"{PREFIX}/{term}/{group}"] = s
-        out[f"{PREFIX}/{term}/global"] = sum((s for s in sq if s is not None), total)
+        out[f"{PREFIX}/{term}/global"] = sum(
+            (out[f"{PREFIX}/{term}/{g}"] for g in groups if g not in extra), total)
+        out[f"{PREFIX}/{term}/total"] = sum((s for s in sq if s is not None), total)
     for a, b in itertools.combinations(grads, 2):
         shared = [
             (ga, gb)

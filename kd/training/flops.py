@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from kd.distill.distiller import logit_positions
+
 
 @dataclass(frozen=True)
 class Encoder:
@@ -134,3 +136,44 @@ def step_flops(
 
 def describe(enc: Encoder) -> dict[str, int]:
     return asdict(enc)
+
+
+class StepFlops:
+    """The model FLOPs of one of this project's training steps for a distiller, per batch.
+
+    The heads run at the positions the scheme's logit term scores (the masked ones by default;
+    their count varies with the draw), the projections on every token, and the attention term
+    recomputes scores from hooked Q and K in each mapped layer (kd/distill/distiller.py).
+    """
+
+    def __init__(self, distiller, teacher_config):
+        terms, scheme = distiller.terms, distiller.scheme
+        self.teacher = Encoder.from_config(teacher_config)
+        self.student = Encoder.from_config(distiller.student.config)
+        self.where = scheme.logit_positions if "logit" in terms else None
+        n_proj = len(distiller.projections.maps) if distiller.projections is not None else 0
+        if scheme.projection == "shared" and distiller.projections is not None:
+            # One map applied once per projected index.
+            n_proj = ("embedding" in terms) + (len(distiller.layer_map) if "hidden" in terms else 0)
+        self.projections = n_proj
+        self.score_layers = len(distiller.layer_map) if "attention" in terms else 0
+
+    def positions(self, batch: dict) -> int | None:
+        """How many positions the heads score in ``batch``; None when there is no logit term."""
+        return None if self.where is None else int(logit_positions(batch, self.where).sum())
+
+    def parts(self, batch_size: int, seq_len: int, positions: int | None,
+              recomputed_scores: bool = True) -> dict[str, int]:
+        """:func:`step_flops` by part; ``recomputed_scores`` False for a way that reads the
+        models' own attention maps (the benchmark's naive row)."""
+        scores = self.score_layers if recomputed_scores else 0
+        return step_flops(
+            self.teacher, self.student, batch_size, seq_len, head_positions=positions,
+            projections=self.projections, teacher_score_layers=scores,
+            student_score_layers=scores,
+        )
+
+    def __call__(self, batch: dict) -> int:
+        """Total FLOPs of a step on ``batch`` (``input_ids`` [B, L], ``labels``)."""
+        b, length = batch["input_ids"].shape
+        return self.parts(b, length, self.positions(batch))["total"]

@@ -6,7 +6,7 @@ would hide the very imbalance these numbers are meant to show.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -54,13 +54,17 @@ def layer_groups(
     return groups
 
 
-def grad_norms(groups: dict[str, list[Parameter]]) -> dict[str, float]:
-    """L2 norm of the gradients of each group, plus "global" over all groups.
+def grad_norms(
+    groups: dict[str, list[Parameter]], extra: Collection[str] = ()
+) -> dict[str, float]:
+    """L2 norm of the gradients of each group, plus "global" over the student and "total".
 
         ||g_G||₂ = sqrt(Σ_{p∈G} ||∇p||₂²),   global = sqrt(Σ_p ||∇p||₂²) over distinct p
 
-    Parameters without a gradient count as zero. A parameter listed in several groups counts
-    once in "global", so it matches `clip_grad_norm_`'s total norm over the same parameters.
+    "global" sums the groups not named in ``extra`` (the student's own parameters), so arms
+    with and without projections compare the same parameter set; "total" sums every group,
+    and matches `clip_grad_norm_`'s norm over the same parameters. Parameters without a
+    gradient count as zero; a parameter listed in several groups counts once.
     """
     index: dict[int, int] = {}
     grads: list[Tensor] = []
@@ -70,17 +74,23 @@ def grad_norms(groups: dict[str, list[Parameter]]) -> dict[str, float]:
                 index[id(p)] = len(grads)
                 grads.append(p.grad)
     if not grads:
-        return {**dict.fromkeys(groups, 0.0), "global": 0.0}
+        return {**dict.fromkeys(groups, 0.0), "global": 0.0, "total": 0.0}
 
     # Norms in float32 so bf16 gradients neither overflow nor lose the small terms of the sum.
     sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square()
     zero = sq.new_zeros(())
     rows = []
-    for params in groups.values():
-        ids = sorted({index[id(p)] for p in params if id(p) in index})
-        rows.append(sq[ids].sum() if ids else zero)
+
+    def norm_of(names) -> Tensor:
+        ids = sorted({index[id(p)] for g in names for p in groups[g] if id(p) in index})
+        return sq[ids].sum() if ids else zero
+
+    for name in groups:
+        rows.append(norm_of([name]))
+    rows.append(norm_of([g for g in groups if g not in extra]))
     rows.append(sq.sum())
     # One .tolist() on one tensor: each .item() on a GPU tensor is a blocking device sync, and
     # this runs at every logged step.
     values = torch.stack(rows).sqrt().tolist()
-    return {**dict(zip(groups, values[:-1], strict=True)), "global": values[-1]}
+    return {**dict(zip(groups, values[:-2], strict=True)), "global": values[-2],
+            "total": values[-1]}

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from kd.core import dist as kdist
 from kd.core import optim
 from kd.core.dist import SINGLE, Dist
 from kd.core.dist import mean as dist_mean
@@ -28,7 +29,7 @@ from kd.core.params import Train
 from kd.core.runtime import autocast, use_training_attention
 from kd.data.masking import mask_tokens
 from kd.distill.distiller import Distiller
-from kd.training import attribution, checkpoint
+from kd.training import attribution, checkpoint, flops, interrupt
 from kd.training.dropout import use_fast_dropout
 from kd.training.gradnorm import grad_norms, layer_groups
 
@@ -118,6 +119,8 @@ def make_batch(
 class Result:
     rows: list[dict[str, float]] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
+    # Wall-clock figures: for MLflow and the console, never for an output DVC hashes.
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 def set_dropout(model: nn.Module, p: float) -> int:
@@ -164,6 +167,7 @@ class Stepper:
             self.opt, min(cfg.warmup_steps, n_steps), n_steps
         )
         self.n_steps = n_steps
+        self.extra = list(distiller.extra_groups())  # projections, connectors: not the student
         self.groups = layer_groups(distiller.student, distiller.extra_groups())
         self.params = [p for g in self.groups.values() for p in g]
         self.share, self.micro, self.accum = split_batch(cfg.batch_size, dist.world,
@@ -233,9 +237,9 @@ class Stepper:
                 "weights were not updated and the last checkpoint is kept. Lower train.lr, "
                 "raise train.warmup_steps, or try base.precision: fp32"
             )
-        norms = {f"grad_norm/{k}": v for k, v in grad_norms(self.groups).items()}
+        norms = {f"grad_norm/{k}": v for k, v in grad_norms(self.groups, self.extra).items()}
         if per_term is not None:
-            norms.update(attribution.summarize(per_term, self.params, self.groups))
+            norms.update(attribution.summarize(per_term, self.params, self.groups, self.extra))
         clipped = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         norms["grad_norm/clipped"] = min(float(clipped), self.cfg.max_grad_norm)
         self.opt.step()
@@ -267,12 +271,19 @@ def train(
     resume: dict | None = None,
     dist: Dist = SINGLE,
 ) -> Result:
+    """Distil for ``total_steps`` steps, logging every ``cfg.log_every``; resumable.
+
+    The rows (and the CSV made of them) hold results only: the step, tokens and model FLOPs seen
+    so far (kd/training/flops.py, from shapes), the learning rate, every loss term and gradient
+    norm. Wall time goes to MLflow (``time/...``) and ``Result.timing``.
+    """
     n_steps = total_steps(cfg, len(ds))
     stepper = Stepper(distiller, teacher, cfg, n_steps, precision, device, dist,
                       attention=attention)
+    step_flops = flops.StepFlops(distiller, teacher.config)
     result = Result()
     sums: dict[str, float] = {}
-    start, elapsed, tokens = 0, 0.0, 0
+    start, elapsed, tokens, flop_count = 0, 0.0, 0, 0
     if resume is not None:
         distiller.load_state_dict(resume["distiller"])
         stepper.load_state_dict(resume)
@@ -280,6 +291,7 @@ def train(
         if device.type == "cuda" and resume.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(resume["rng_cuda"])
         start, elapsed, tokens = resume["step"], resume["seconds"], resume["tokens"]
+        flop_count = resume["flops"]
         result.rows, sums = resume["rows"], resume["sums"]
         print(f"resuming from step {start} of {n_steps}")
 
@@ -293,6 +305,7 @@ def train(
                 "step": step,
                 "seconds": elapsed,
                 "tokens": tokens,
+                "flops": flop_count,
                 "rows": result.rows,
                 "sums": sums,
                 "distiller": distiller.state_dict(),
@@ -307,41 +320,53 @@ def train(
                disable=not dist.main)
     step = start
     try:
-        while step < n_steps:
-            t0 = time.perf_counter()
-            gen = step_generator(seed, step)
-            idx = batch_indices(len(ds), cfg.batch_size, seed, step)
-            # The whole global batch is built (and masked) on every rank, then sliced: a row's
-            # masks never depend on how many processes share the batch.
-            full = make_batch(ds, idx, masking, gen)
-            values, norms = stepper.step(full, step)
-            step += 1
-            elapsed += time.perf_counter() - t0
-            tokens += int(full["attention_mask"].sum())
-            for k, v in {**values, **norms}.items():
-                # attr/ values exist only at attribution steps: averaged over those (below).
-                sums[k] = sums.get(k, 0.0) + v
-            if step % cfg.log_every == 0 or step == n_steps:
-                row = {
-                    "step": step,
-                    "tokens": tokens,
-                    "seconds": round(elapsed, 3),
-                    "lr": stepper.sched.get_last_lr()[0],
-                    **values,
-                    **norms,
-                }
-                result.rows.append(row)
-                run.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-                bar.set_postfix(loss=f"{values['loss/total']:.3f}")
-            if step % cfg.checkpoint_every == 0 and step < n_steps:
-                save_checkpoint(step)
-            bar.update(1)
+        with interrupt.deferred() as stop:
+            while step < n_steps:
+                t0 = time.perf_counter()
+                gen = step_generator(seed, step)
+                idx = batch_indices(len(ds), cfg.batch_size, seed, step)
+                # The whole global batch is built (and masked) on every rank, then sliced: a
+                # row's masks never depend on how many processes share the batch.
+                full = make_batch(ds, idx, masking, gen)
+                values, norms = stepper.step(full, step)
+                step += 1
+                elapsed += time.perf_counter() - t0
+                tokens += int(full["attention_mask"].sum())
+                flop_count += step_flops(full)
+                for k, v in {**values, **norms}.items():
+                    # attr/ values exist only at attribution steps: averaged over those (below).
+                    sums[k] = sums.get(k, 0.0) + v
+                if step % cfg.log_every == 0 or step == n_steps:
+                    row = {
+                        "step": step,
+                        "tokens": tokens,
+                        "flops": flop_count,
+                        "lr": stepper.sched.get_last_lr()[0],
+                        **values,
+                        **norms,
+                    }
+                    result.rows.append(row)
+                    # Wall time beside the row, in MLflow only: the row is a result.
+                    logged = {k: v for k, v in row.items() if k != "step"}
+                    run.log_metrics({**logged, "time/seconds": elapsed}, step=step)
+                    bar.set_postfix(loss=f"{values['loss/total']:.3f}")
+                if step % cfg.checkpoint_every == 0 and step < n_steps:
+                    save_checkpoint(step)
+                bar.update(1)
+                # A signal asked to stop: the step it landed in has finished, counter included.
+                if kdist.any_rank(stop.requested, dist, device) and step < n_steps:
+                    save_checkpoint(step)
+                    bar.close()
+                    raise SystemExit(
+                        f"interrupted at step {step}: checkpoint saved in {ckpt_dir}; rerun the "
+                        "stage (`dvc repro`) to resume"
+                    )
     except KeyboardInterrupt:
-        save_checkpoint(step)
+        # A second Ctrl-C, anywhere in a step: nothing consistent to save now.
         bar.close()
         raise SystemExit(
-            f"interrupted at step {step}: checkpoint saved in {ckpt_dir}; rerun the stage "
-            "(`dvc repro`) to resume"
+            f"interrupted again during step {step + 1}: nothing saved now; a rerun of the stage "
+            f"resumes from the last periodic checkpoint in {ckpt_dir}, or starts over"
         ) from None
     bar.close()
     n_attr = sum(stepper.attributes(s) for s in range(step))
@@ -349,13 +374,16 @@ def train(
         "steps": step,
         "epochs": step * cfg.batch_size / len(ds),
         "tokens": tokens,
-        "seconds": elapsed,
-        "tokens_per_s": tokens / elapsed if elapsed else 0.0,
-        "sequences_per_s": step * cfg.batch_size / elapsed if elapsed else 0.0,
+        "flops": flop_count,
         **{f"mean/{k}": v / max(step, 1) for k, v in sums.items()
            if not k.startswith(attribution.PREFIX)},
         **{f"mean/{k}": v / max(n_attr, 1) for k, v in sums.items() if k.startswith(attribution.PREFIX)},
         "attribution_steps": n_attr,
         **{f"final/{k}": v for k, v in result.rows[-1].items() if k.startswith("loss/")},
+    }
+    result.timing = {
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed if elapsed else 0.0,
+        "sequences_per_s": step * cfg.batch_size / elapsed if elapsed else 0.0,
     }
     return result

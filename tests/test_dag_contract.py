@@ -1,0 +1,249 @@
+"""The DAG is a contract: every change reruns what it affects, every result is versioned, and a
+second `dvc repro` reproduces the lock (see also tests/test_pipeline.py, which compares a fresh
+copy's dvc.lock byte for byte).
+
+    python -m pytest tests/test_dag_contract.py              # all of it (the slow part: ~4 min)
+    python -m pytest tests/test_dag_contract.py -m "not slow" # the static checks, seconds
+
+The static checks read this repository's dvc.yaml and code (tests/dagcheck.py); the slow ones
+run the tiny pipeline (tests/conftest.py) and then what a DVC user does with it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, GitDvcRepo, repo_env
+from dagcheck import (
+    Stage,
+    closure,
+    entry_modules,
+    read_traces,
+    stages,
+    undeclared_code,
+    undeclared_params,
+)
+
+from kd.core import params as kd_params
+
+
+def _ran(out: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", out))
+
+
+# --- code: every file a stage executes is one of its deps --------------------------------------
+
+
+def test_every_stage_depends_on_every_project_file_it_executes() -> None:
+    found = stages(REPO)
+    assert {"check_params", "pin_inputs", "train@multi", "evaluate_init", "report"} <= {
+        s.name for s in found
+    }
+    missing = {s.name: undeclared_code(REPO, s) for s in found}
+    missing = {k: v for k, v in missing.items() if v}
+    assert not missing, "stages that execute files dvc.yaml does not list as deps:\n" + "\n".join(
+        f"  {name}: {', '.join(files)} (add them, or the kd/ folder that holds them, to its deps)"
+        for name, files in missing.items()
+    )
+
+
+def test_closure_follows_imports_inside_functions_and_launchers() -> None:
+    train = closure(REPO, entry_modules("python -m kd.training.launch stages.train --arm x"))
+    # launch runs the stage module; the loop imports the distiller, which imports the layer map.
+    assert {"kd/training/launch.py", "stages/train.py", "kd/distill/layermap.py",
+            "kd/data/masking.py", "kd/core/params.py"} <= train
+    # kd/bench imports kd.models.student inside a function: that counts too.
+    assert "kd/models/student.py" in closure(REPO, ["kd.bench.bench"])
+    # A package marker with only a docstring executes nothing.
+    assert "kd/__init__.py" not in train and "stages/__init__.py" not in train
+
+
+@pytest.fixture
+def project_copy(tmp_path) -> Path:
+    """This project's DAG and code in a DVC repository of its own, to be broken on purpose."""
+    path = tmp_path / "project"
+    path.mkdir()
+    for name in ("dvc.yaml", "params.yaml", "requirements.lock"):
+        shutil.copy(REPO / name, path / name)
+    for pkg in ("kd", "stages"):
+        shutil.copytree(REPO / pkg, path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=path, check=True)
+    return path
+
+
+def test_the_code_check_names_an_undeclared_import(project_copy) -> None:
+    """The test of the test: an import added to a stage, or a dep taken away, fails it."""
+    stage = project_copy / "stages" / "sample_corpus.py"
+    stage.write_text(stage.read_text().replace(
+        "def main() -> None:\n",
+        "def main() -> None:\n    from kd.training import gradnorm  # noqa: F401\n",
+    ))
+    dvc_yaml = project_copy / "dvc.yaml"
+    raw = yaml.safe_load(dvc_yaml.read_text())
+    raw["stages"]["evaluate"]["do"]["deps"].remove("kd/evaluation")
+    dvc_yaml.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    missing = {s.name: undeclared_code(project_copy, s) for s in stages(project_copy)}
+    assert missing["sample_corpus"] == ["kd/training/gradnorm.py"]
+    assert missing["evaluate@multi"] == ["kd/evaluation/evaluate.py", "kd/evaluation/lstsq.py"]
+    assert missing["evaluate@logit"] == missing["evaluate@multi"]
+    assert not missing["tokenize"]
+
+
+# --- params: every key a stage reads is declared -----------------------------------------------
+
+
+def test_the_params_check_names_an_undeclared_read() -> None:
+    """The test of the test, in one process: keys read from validated params are recorded, and
+    a read the stage's `params:` does not cover is named."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    trace = kd_params.start_trace()
+    try:
+        p = kd_params.parse_params(raw)
+        read = [
+            p.train.lr,
+            p.loss.schemes["multi"].active_terms,  # a property: reads terms, weight_schedules
+            p.student.model_dump(),  # a whole section
+            p.paths.corpus,
+            p.paths.checkpoints,
+        ]
+    finally:
+        kd_params.stop_trace()
+    assert {"train.lr", "loss.schemes.multi.terms", "loss.schemes.multi.weight_schedules",
+            "student", "paths.corpus", "paths.checkpoints"} <= trace.keys
+    assert "loss.schemes.logit.terms" not in trace.keys and read  # only what was read
+    stage = Stage("x", "python -m stages.x", deps=["data/corpus"],
+                  params=["train", "loss.schemes.multi"])
+    assert undeclared_params(stage, trace.keys, raw) == ["student"]
+    # A path read is declared when the path is a dep or an out (dvc.yaml's ${paths.*}).
+    stage.deps = []
+    assert undeclared_params(stage, trace.keys, raw) == ["paths.corpus", "student"]
+
+
+@pytest.mark.slow
+def test_every_stage_declares_every_params_key_it_reads(tiny_pipeline) -> None:
+    repo = tiny_pipeline.repo
+    raw = yaml.safe_load((repo.path / "params.yaml").read_text())
+    reads = read_traces(tiny_pipeline.params_traces)
+    by_name = {s.name: s for s in stages(repo.path)}
+    ran = _ran(tiny_pipeline.repro_out) - {"pin_inputs"}  # it reads no params at all
+    assert ran <= set(reads), f"stages that left no trace: {sorted(ran - set(reads))}"
+    missing = {name: undeclared_params(by_name[name], keys, raw) for name, keys in reads.items()}
+    missing = {k: v for k, v in missing.items() if v}
+    assert not missing, "stages that read params dvc.yaml does not declare:\n" + "\n".join(
+        f"  {name}: {', '.join(keys)}" for name, keys in missing.items()
+    )
+    # The traces are real: training read its learning rate, the report its arms.
+    assert "train.lr" in reads["train@multi"] and "loss.arms" in reads["report"]
+
+
+# --- a change reruns what it affects ----------------------------------------------------------
+
+
+def _status(repo: GitDvcRepo) -> set[str]:
+    out = repo.run("dvc", "status", "--json")
+    return set(json.loads(out[out.index("{"):]) if "{" in out else {})
+
+
+@pytest.mark.slow
+def test_editing_one_byte_of_a_module_makes_dvc_status_list_its_stages(tiny_pipeline, tmp_path):
+    repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
+    assert _status(repo) == set()
+    found = stages(repo.path)
+    # One module of every layer, and a stage script.
+    for module in ("kd/core/runtime.py", "kd/data/masking.py", "kd/models/student.py",
+                   "kd/distill/layermap.py", "kd/training/interrupt.py", "kd/evaluation/lstsq.py",
+                   "kd/probe/probe.py", "kd/report/report.py", "kd/quantize/dynamic.py",
+                   "kd/inputs.py", "stages/report.py"):
+        path = repo.path / module
+        before = path.read_bytes()
+        path.write_bytes(before + b"#")
+        try:
+            listed = _status(repo)
+        finally:
+            path.write_bytes(before)
+        executing = {s.name for s in found
+                     if module in closure(repo.path, entry_modules(s.cmd))}
+        assert executing, module
+        assert executing <= listed, (module, sorted(executing - listed))
+    assert _status(repo) == set()
+
+
+# --- results are versioned ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_clone_pulls_from_a_remote_and_reruns_nothing(tiny_pipeline, tmp_path) -> None:
+    repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
+    remote = tmp_path / "remote"
+    repo.run("dvc", "remote", "add", "-d", "store", str(remote))
+    repo.commit("a DVC remote")
+    repo.run("dvc", "push")
+
+    fresh = tmp_path / "fresh"
+    subprocess.run(["git", "clone", "-q", str(repo.path), str(fresh)], check=True)
+    clone = GitDvcRepo(fresh, repo_env(fresh))
+    # What git alone brings: the small results, committed with the lock.
+    for small in ("data/metrics/eval.json", "data/train/multi.csv", "data/eval/logit.json",
+                  "data/probe/teacher.json", "data/inputs.json", "data/params.ok"):
+        assert (fresh / small).is_file(), small
+    clone.run("dvc", "pull")
+    status = clone.run("dvc", "status")
+    assert "Data and pipelines are up to date." in status, status
+    out = clone.run("dvc", "repro")
+    assert _ran(out) == set(), out
+    assert (fresh / "data" / "students" / "multi" / "model.safetensors").read_bytes() == (
+        repo.path / "data" / "students" / "multi" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_queued_experiments_carry_their_metrics_and_commits_diff(tiny_pipeline, tmp_path) -> None:
+    repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
+    repo.run("dvc", "exp", "run", "--queue", "-S", "base.seed=1", "-n", "seed-one")
+    status = repo.run_queue()
+    assert "Success" in status, status
+
+    shown = json.loads(repo.run("dvc", "exp", "show", "--json"))
+    rows = {}
+
+    def collect(node) -> None:
+        if isinstance(node, dict):
+            data = node.get("data") or {}
+            if "rev" in node and "metrics" in data:
+                eval_json = data["metrics"].get("data/metrics/eval.json", {}).get("data")
+                rows[node.get("name") or node["rev"]] = eval_json
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(shown)
+    assert rows.get("seed-one"), f"the queued experiment shows no eval.json: {rows}"
+    assert rows["seed-one"]["test/logit_kl_t1"] != rows["workspace"]["test/logit_kl_t1"]
+    # `dvc exp show` is read at a glance: the headline metrics are a handful of columns.
+    flat = [k for k in pd_flatten(rows["seed-one"])]
+    assert len(flat) < 25, flat
+    header = repo.run("dvc", "exp", "show", "--csv", "--only-changed").splitlines()[0]
+    assert len(header.split(",")) < 100, header
+
+    repo.run("dvc", "exp", "apply", "seed-one")
+    repo.commit("seed 1")
+    diff = repo.run("dvc", "metrics", "diff", "HEAD~1")
+    assert "data/metrics/eval.json" in diff and "test/logit_kl_t1" in diff, diff
+
+
+def pd_flatten(d: dict, prefix: str = "") -> list[str]:
+    """The column names DVC makes of a nested metrics dict (``runtime.device``)."""
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out += pd_flatten(v, f"{key}.") if isinstance(v, dict) else [key]
+    return out
