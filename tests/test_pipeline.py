@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from kd.core.io import read_json
 from kd.core.tracking import EXPERIMENT
+from kd.report import seeds
 
 pytestmark = pytest.mark.slow
 
@@ -196,21 +197,7 @@ def test_scheme_only_experiment_reruns_only_report(tiny_pipeline, tmp_path) -> N
         repo, "logit"
     )
 
-    shown = json.loads(repo.run("dvc", "exp", "show", "--json"))
-    rows = {}
-
-    def collect(node) -> None:
-        if isinstance(node, dict):
-            metrics = (node.get("data") or {}).get("metrics") or {}
-            if "data/metrics/eval.json" in metrics:
-                rows[node.get("name") or node["rev"]] = metrics["data/metrics/eval.json"]["data"]
-            for value in node.values():
-                collect(value)
-        elif isinstance(node, list):
-            for value in node:
-                collect(value)
-
-    collect(shown)
+    rows = {r.label: r.metrics for r in seeds.parse_rows(seeds.exp_show(repo.path)) if r.metrics}
     schemes = {name: r.get("scheme") for name, r in rows.items()}
     assert "workspace" in rows and len(rows) >= 3, schemes  # workspace, baseline, experiment
     assert sorted(schemes.values()).count("logit") >= 2 and "multi" in schemes.values(), schemes
