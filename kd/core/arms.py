@@ -78,10 +78,8 @@ def _per_kind(p, name: str, student: Callable[[], Path]) -> Callable[[str], Path
     def where(part: str) -> Path:
         if part == "student":
             return student()
-        kind, suffix = part.split(".")
-        folder = {"train": lambda: p.paths.train, "eval": lambda: p.paths.eval,
-                  "probe": lambda: p.paths.probe}[kind]()
-        return folder / f"{name}.{suffix}"
+        kind, suffix = part.split(".")  # "eval.csv": paths.eval / "<name>.csv"
+        return getattr(p.paths, kind) / f"{name}.{suffix}"
 
     return where
 

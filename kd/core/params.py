@@ -418,7 +418,6 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     return parse_params(raw, path)
 
 
-
 # --- Which keys a stage reads --------------------------------------------------------------------
 # DVC reruns a stage when a params key it declares changes, so a key a stage reads without
 # declaring it is a change that silently reruns nothing. With KD_TRACE_PARAMS set to a folder,
