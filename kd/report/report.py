@@ -455,7 +455,7 @@ def markdown(arms: list[Arm], headline: str, figs: list[Path], floor: Arm | None
             [
                 "student",
                 "terms",
-                "T",
+                "final T",
                 "train KL (T=1)",
                 "test KL (T=1)",
                 "train KL (final T)",
