@@ -219,6 +219,21 @@ def repo_env(path: Path, *importable: Path) -> dict[str, str]:
     return env
 
 
+# What a copy of this project needs to run its DAG: the top-level files dvc.yaml reads or depends
+# on (pin_inputs checks the installed libraries against requirements.lock), the ignore files that
+# decide what git versions, and the code.
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "requirements.lock", ".gitignore", ".dvcignore")
+PROJECT_PACKAGES = ("kd", "stages")
+
+
+def copy_project(dest: Path) -> None:
+    """Copy this project's DAG, params, lock, ignore files and code into the folder ``dest``."""
+    for name in PROJECT_FILES:
+        shutil.copy(REPO / name, dest / name)
+    for pkg in PROJECT_PACKAGES:
+        shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+
+
 @pytest.fixture
 def git_dvc_repo(tmp_path) -> GitDvcRepo:
     """An initialised, empty git + DVC repo (no commit yet) in ``tmp_path / 'repo'``."""
@@ -318,11 +333,8 @@ def tiny_pipeline(tmp_path_factory, tiny_teacher_dir) -> TinyPipeline:
     repo.run("git", "init", "-q")
     repo.run("dvc", "init", "-q")
     repo.run("dvc", "config", "core.analytics", "false")
-    # The project's own ignore files: the small results are committed, as in the real repo.
-    for name in ("dvc.yaml", "params.yaml", "requirements.lock", ".gitignore", ".dvcignore"):
-        shutil.copy(REPO / name, path / name)
-    for pkg in ("kd", "stages"):
-        shutil.copytree(REPO / pkg, path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    # With the project's own ignore files, the small results are committed as in the real repo.
+    copy_project(path)
     raw = yaml.safe_load((path / "params.yaml").read_text())
     for section, values in TINY_PIPELINE_PARAMS.items():
         if section in raw:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, GitDvcRepo, repo_env
+from conftest import REPO, GitDvcRepo, copy_project, repo_env
 from dagcheck import (
     Stage,
     closure,
@@ -72,10 +71,7 @@ def project_copy(tmp_path) -> Path:
     """This project's DAG and code in a DVC repository of its own, to be broken on purpose."""
     path = tmp_path / "project"
     path.mkdir()
-    for name in ("dvc.yaml", "params.yaml", "requirements.lock"):
-        shutil.copy(REPO / name, path / name)
-    for pkg in ("kd", "stages"):
-        shutil.copytree(REPO / pkg, path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_project(path)
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=path, check=True)
     return path
 

@@ -6,11 +6,11 @@ repo; only params change: a tiny text corpus and a tiny random teacher, so the s
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_project
 from mlflow.tracking import MlflowClient
 
 from kd.core.io import read_json
@@ -19,7 +19,6 @@ from kd.data import tokens
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _set_params(path: Path, **sections: dict) -> None:
@@ -37,10 +36,7 @@ def _ran(out: str) -> set[str]:
 @pytest.fixture
 def pipeline_repo(git_dvc_repo, tiny_text_corpus, tiny_teacher_dir):
     repo = git_dvc_repo
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO / name, repo.path / name)
-    for pkg in ("kd", "stages"):
-        shutil.copytree(REPO / pkg, repo.path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_project(repo.path)
     _set_params(
         repo.path / "params.yaml",
         corpus={"source": "text", "text_path": str(tiny_text_corpus), "test_fraction": 0.2},
