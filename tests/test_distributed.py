@@ -31,6 +31,7 @@ def compare(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_processes_match_one(tmp_path):
     from mlflow import MlflowClient
 

@@ -237,6 +237,7 @@ stages:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_each_experiment_is_read_from_its_own_commit(git_dvc_repo) -> None:
     """The small results are committed with each experiment: a queued one's comparison.json
     is read from its own commit, with no MLflow detour."""

@@ -210,6 +210,7 @@ stages:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_dvc_experiments_track_into_the_parent_repo(git_dvc_repo) -> None:
     repo = git_dvc_repo
     (repo.path / "params.yaml").write_text("lr: 0.1\n")
