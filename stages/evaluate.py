@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from transformers import AutoModelForMaskedLM
 
-from kd.core import arms, runtime, tracking
-from kd.core.io import atomic_file, write_json
+from kd.core import arms, cli, runtime, tracking
+from kd.core.io import atomic_file, need, write_json
 from kd.core.params import load_params
 from kd.data import tokens
 from kd.distill.distiller import Projections
@@ -57,8 +57,7 @@ def run_stage(p, out: arms.Outputs, scheme) -> None:
     device = runtime.pick_device(p.base)
     name, model_dir = out.name, out.student
     judge = Judge() if scheme is None else Judge.of(scheme)
-    if not model_dir.exists():
-        raise SystemExit(f"{model_dir} is missing: run {out.train_stage} first (`dvc repro`)")
+    need(model_dir, out.train_stage)
     dd = tokens.load(p.paths.tokens)
     teacher = AutoModelForMaskedLM.from_pretrained(p.paths.teacher)
     student = AutoModelForMaskedLM.from_pretrained(model_dir)
@@ -127,4 +126,4 @@ def run_stage(p, out: arms.Outputs, scheme) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from kd import inputs
+from kd.core import cli
 from kd.core.io import write_json
 
 
@@ -28,4 +29,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

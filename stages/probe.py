@@ -11,8 +11,8 @@ import argparse
 import time
 from pathlib import Path
 
-from kd.core import arms, runtime, tracking
-from kd.core.io import write_json
+from kd.core import arms, cli, runtime, tracking
+from kd.core.io import need, write_json
 from kd.core.params import Params, load_params
 from kd.probe import probe
 
@@ -21,8 +21,7 @@ FINETUNE_LOG_EVERY = 10  # steps between fine-tune loss points in MLflow (one ro
 
 def run_stage(p: Params, name: str, model_dir: Path, stage: str, out: Path) -> None:
     """Probe ``model_dir`` (written by ``stage``) and write its accuracies to ``out``."""
-    if not model_dir.exists():
-        raise SystemExit(f"{model_dir} is missing: run {stage} first (`dvc repro`)")
+    need(model_dir, stage)
     device, _ = runtime.setup(p.base, seed=p.probe.seed)
     start = time.perf_counter()
     rt = runtime.record(device, p.base.precision,
@@ -88,4 +87,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -7,8 +7,8 @@ import math
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from kd.core import runtime, tracking
-from kd.core.io import atomic_dir, write_json
+from kd.core import cli, runtime, tracking
+from kd.core.io import atomic_dir, need, write_json
 from kd.core.params import load_params
 from kd.data import tokens
 from kd.quantize import dynamic as quantize
@@ -28,8 +28,7 @@ def main() -> None:
     runtime.configure(p.base.threads)
     rt = runtime.record(torch.device("cpu"), "fp32")
     cfg, out_dir = p.quantize, p.paths.quantize
-    if not (p.paths.distilled / "config.json").exists():
-        raise SystemExit(f"{p.paths.distilled} holds no model: run the report stage first")
+    need(p.paths.distilled / "config.json", "report")
     test = tokens.load(p.paths.tokens)["test"]
     teacher = AutoModelForMaskedLM.from_pretrained(p.paths.teacher)
     student = AutoModelForMaskedLM.from_pretrained(p.paths.distilled)
@@ -66,4 +65,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from kd.core import arms as kd_arms
-from kd.core import runtime, tracking
+from kd.core import cli, runtime, tracking
 from kd.core.io import atomic_dir, write_json
 from kd.core.params import load_params
 from kd.report import report
@@ -59,4 +59,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kd.core import runtime, tracking
+from kd.core import cli, runtime, tracking
 from kd.core.io import atomic_dir, write_json
 from kd.core.params import load_params
 from kd.data import corpus
@@ -23,4 +23,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

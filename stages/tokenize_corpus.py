@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kd.core import runtime, tracking
-from kd.core.io import atomic_dir, write_json
+from kd.core import cli, runtime, tracking
+from kd.core.io import atomic_dir, need, write_json
 from kd.core.params import load_params
 from kd.data import assets, corpus, tokens
 
@@ -14,7 +14,8 @@ def main() -> None:
     runtime.configure()
     rt = runtime.record()
     teacher_tok, student_tok = assets.tokenizers(p)
-    splits = {s: corpus.read_split(p.paths.corpus / f"{s}.jsonl") for s in ("train", "test")}
+    splits = {s: corpus.read_split(need(p.paths.corpus / f"{s}.jsonl", "sample_corpus"))
+              for s in ("train", "test")}
     with tracking.start_run("tokenize", params=p.tokenize.model_dump(), runtime=rt) as run:
         dd = tokens.build(
             splits,
@@ -37,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -8,9 +8,9 @@ import pandas as pd
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from kd.core import arms, runtime, tracking
+from kd.core import arms, cli, runtime, tracking
 from kd.core import dist as kdist
-from kd.core.io import atomic_dir, atomic_file, dir_digest, read_json, write_json
+from kd.core.io import atomic_dir, atomic_file, dir_digest, need, read_json, write_json
 from kd.core.params import load_params
 from kd.data import tokens
 from kd.distill.distiller import Distiller
@@ -56,6 +56,8 @@ def run_stage(p, out: arms.Outputs) -> None:
     dist, device = kdist.init(device)
 
     ds = tokens.load(p.paths.tokens)["train"]
+    need(p.paths.teacher, "prepare_teacher")
+    need(p.paths.student_init, "init_student")
     tok = AutoTokenizer.from_pretrained(p.paths.teacher)
     teacher = AutoModelForMaskedLM.from_pretrained(p.paths.teacher)
     init = AutoModelForMaskedLM.from_pretrained(p.paths.student_init)
@@ -141,4 +143,4 @@ def run_stage(p, out: arms.Outputs) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -294,6 +294,21 @@ TINY_PIPELINE_PARAMS = {
 }
 
 
+def tiny_params(corpus: Path, teacher: Path, probe_folder: Path) -> dict:
+    """This repository's params.yaml with TINY_PIPELINE_PARAMS and the given tiny inputs."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in TINY_PIPELINE_PARAMS.items():
+        if section in raw:
+            raw[section].update({k: v for k, v in values.items() if k in raw[section]})
+    raw["corpus"]["text_path"] = str(corpus)
+    raw["probe"]["folder"] = str(probe_folder)
+    # It has a masked-LM head, so prepare_teacher skips adaptation and only scores it.
+    raw["teacher"]["source"] = str(teacher)
+    return raw
+
+
 @dataclass
 class TinyPipeline:
     """A git + DVC copy of this project whose whole DAG has run once on tiny assets.
@@ -335,15 +350,7 @@ def tiny_pipeline(tmp_path_factory, tiny_teacher_dir) -> TinyPipeline:
     repo.run("dvc", "config", "core.analytics", "false")
     # With the project's own ignore files, the small results are committed as in the real repo.
     copy_project(path)
-    raw = yaml.safe_load((path / "params.yaml").read_text())
-    for section, values in TINY_PIPELINE_PARAMS.items():
-        if section in raw:
-            raw[section].update({k: v for k, v in values.items() if k in raw[section]})
-    raw["corpus"]["text_path"] = str(corpus)
-    if "probe" in raw:
-        raw["probe"]["folder"] = str(topic_folder(root / "probe_topics", per_class=10))
-    # It has a masked-LM head, so prepare_teacher skips adaptation and only scores it.
-    raw["teacher"]["source"] = str(tiny_teacher_dir)
+    raw = tiny_params(corpus, tiny_teacher_dir, topic_folder(root / "probe_topics", per_class=10))
     (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     repo.commit("tiny pipeline")
 

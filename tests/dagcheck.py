@@ -109,7 +109,8 @@ def closure(root: Path, modules: list[str]) -> set[str]:
     """The project files that running ``modules`` executes (relative paths)."""
     seen: set[str] = set()
     files: set[Path] = set()
-    todo = list(modules)
+    # `python -m pkg` (and runpy.run_module) runs the package's __main__.py.
+    todo = [*modules, *(f"{m}.__main__" for m in modules)]
     while todo:
         name = todo.pop()
         if name in seen:

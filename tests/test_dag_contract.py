@@ -202,6 +202,7 @@ def test_a_clone_pulls_from_a_remote_and_reruns_nothing(tiny_pipeline, tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_queued_experiments_carry_their_metrics_and_commits_diff(tiny_pipeline, tmp_path) -> None:
     repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
     # The cheapest experiment with other numbers: the logit arm as the headline (no training;

@@ -50,6 +50,7 @@ def pipeline_repo(git_dvc_repo, tiny_text_corpus, tiny_teacher_dir):
     return repo
 
 
+@pytest.mark.long
 def test_repro_tokenize_then_up_to_date_then_params_change(pipeline_repo) -> None:
     repo = pipeline_repo
     out = repo.run("dvc", "repro", "tokenize")

@@ -100,8 +100,8 @@ def _train_csv(repo, arm: str) -> pd.DataFrame:
 def twin(tiny_pipeline, tmp_path_factory):
     """A second fresh copy of the never-reproduced repository, reproducing the whole DAG.
 
-    Started in the background by the first test that asks for it, so it overlaps with the
-    others.
+    Started in the background by the first test that asks for it, so on two cores it overlaps
+    with the tests that follow.
     """
     repo = tiny_pipeline.clone(tiny_pipeline.pristine, tmp_path_factory.mktemp("twin") / "repo")
     log = (repo.path.parent / "repro.log").open("w")
@@ -120,7 +120,7 @@ def twin(tiny_pipeline, tmp_path_factory):
     log.close()
 
 
-def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline, twin) -> None:
+def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline) -> None:
     repo = tiny_pipeline.repo
     stages = _stages(repo)
     assert CORE_STAGES <= stages
@@ -173,7 +173,9 @@ def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline, twin) -> None
     assert "Data and pipelines are up to date." in again
 
 
-def test_scheme_only_experiment_reruns_only_report(tiny_pipeline, tmp_path) -> None:
+@pytest.mark.long
+def test_scheme_only_experiment_reruns_only_report(tiny_pipeline, twin, tmp_path) -> None:
+    # (twin: started here, the first `long` test, so its repro overlaps with the next ones)
     repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
     baseline = read_json(repo.path / "data" / "metrics" / "eval.json")
     compared = read_json(repo.path / "data" / "metrics" / "comparison.json")
@@ -222,6 +224,7 @@ def test_scheme_only_experiment_reruns_only_report(tiny_pipeline, tmp_path) -> N
     assert {"total_loss", "eval_train_logit_loss", "eval_test_logit_loss"} <= set(plots["data"])
 
 
+@pytest.mark.long
 def test_any_defined_scheme_runs_beside_the_arms(tiny_pipeline, tmp_path) -> None:
     """`dvc exp run -S loss.scheme=NAME` for a scheme that is not an arm trains and scores it
     (train_scheme, evaluate_scheme), keeps both arms cached, and makes it the headline."""
@@ -256,6 +259,7 @@ def test_any_defined_scheme_runs_beside_the_arms(tiny_pipeline, tmp_path) -> Non
     assert read_json(trained / "note.json") == {"scheme": "multi", "same_as": "train@multi"}
 
 
+@pytest.mark.long
 def test_one_arms_parameter_retrains_only_that_arm(tiny_pipeline, tmp_path) -> None:
     repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
     before = read_json(repo.path / "data" / "train" / "logit.json")
@@ -273,7 +277,14 @@ def test_one_arms_parameter_retrains_only_that_arm(tiny_pipeline, tmp_path) -> N
 
 @pytest.fixture(scope="module")
 def _bad_input_repo(tiny_pipeline, tmp_path_factory):
-    return tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path_factory.mktemp("bad") / "repo")
+    root = tmp_path_factory.mktemp("bad")
+    # A teacher folder holding only its config (the worst case of issue #15: it used to pass the
+    # gate, rewrite the whole corpus as [UNK] and die in prepare_teacher).
+    teacher = yaml.safe_load((tiny_pipeline.repo.path / "params.yaml").read_text())["teacher"]
+    (root / "config-only").mkdir()
+    (root / "config-only" / "config.json").write_bytes(
+        (Path(teacher["source"]) / "config.json").read_bytes())
+    return tiny_pipeline.clone(tiny_pipeline.repo.path, root / "repo")
 
 
 @pytest.fixture
@@ -288,14 +299,18 @@ def bad_input_repo(_bad_input_repo):
     "override, key",
     [
         ("train.lr=-1", "train.lr"),
-        ("loss.scheme=nope", "loss.scheme"),
         ("train.lrr=1", "train.lrr"),  # refused by DVC itself: -S cannot add keys
         ("loss.schemes.multi.layer_map=[1,9]", "layer_map"),  # past the teacher's 2 layers
-        ("loss.schemes.multi.temperature=0", "loss.schemes.multi.temperature"),
+        # One of each kind the gate reads besides params (every kind: tests/test_refused_inputs.py)
+        ("teacher.source={root}/config-only", "teacher.source"),
+        ("corpus.text_path={root}/no-such-corpus.txt", "corpus.text_path"),
     ],
 )
 def test_bad_override_fails_before_any_work(bad_input_repo, override, key) -> None:
+    """DVC deletes a stage's outputs just before it runs it: a bad input must be refused by
+    check_params, with one paragraph and no traceback, and every output left as it was."""
     repo = bad_input_repo
+    override = override.format(root=repo.path.parent)
 
     def outputs() -> dict:
         # Every output DVC could have deleted: check_params runs first, so none may change.
@@ -312,6 +327,7 @@ def test_bad_override_fails_before_any_work(bad_input_repo, override, key) -> No
     out = stdout + stderr
     assert rc != 0, out
     assert key in stderr, out
+    assert "Traceback" not in out, out
     assert "distil:" not in out, out  # not a single training step
     assert not list((repo.path / "data" / "checkpoints").rglob("checkpoint.pt"))
     assert outputs() == before, out
@@ -397,6 +413,7 @@ def test_killed_training_resumes_to_the_same_result(tiny_pipeline, tmp_path) -> 
     assert not ckpt.exists()
 
 
+@pytest.mark.long
 def test_fresh_copy_reproduces_the_lock_byte_for_byte(tiny_pipeline, twin) -> None:
     """`dvc repro` in a second fresh copy gives the same dvc.lock: every output DVC hashes, the
     models, the metrics, the report's figures, comes out bit for bit the same."""

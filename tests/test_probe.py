@@ -287,7 +287,7 @@ def test_stage_refuses_a_missing_model(tmp_path, monkeypatch) -> None:
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="teacher is missing: run prepare_teacher first"):
+    with pytest.raises(SystemExit, match="teacher is missing: run the prepare_teacher stage first"):
         stage.main(["--teacher"])
-    with pytest.raises(SystemExit, match="multi is missing: run train@multi first"):
+    with pytest.raises(SystemExit, match="multi is missing: run the train@multi stage first"):
         stage.main(["--arm", "multi"])

@@ -8,6 +8,7 @@ Without torchrun this is a single process of world size 1 and nothing here costs
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,17 @@ class Dist:
 
 
 SINGLE = Dist()  # one process, no process group
+
+
+def torchrun(nproc: int) -> str:
+    """The torchrun executable that starts ``nproc`` processes; one paragraph if there is none."""
+    path = shutil.which("torchrun")
+    if path is None:
+        raise SystemExit(
+            f"base.nproc={nproc} starts its processes with torchrun, which is not on PATH: "
+            "activate the environment torch is installed in, or set base.nproc: 1"
+        )
+    return path
 
 
 def init(device: torch.device) -> tuple[Dist, torch.device]:

@@ -18,6 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def need(path: str | os.PathLike, stage: str) -> Path:
+    """``path``, which ``stage`` writes; one paragraph naming that stage if it is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run the {stage} stage first (`dvc repro {stage}`)")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``path`` when the block succeeds."""

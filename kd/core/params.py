@@ -16,12 +16,34 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+
+def _held_out(fraction: float) -> float:
+    if fraction > 0.5:
+        raise ValueError(
+            "holds out more than half of the documents, which leaves a training split smaller "
+            "than the test split: use at most 0.5 (0.05 for the corpus, 0.2 for the probe are "
+            "the defaults)"
+        )
+    return fraction
+
+
+# A held-out share: at most half, so the training split is never the smaller one.
+TestFraction = Annotated[float, Field(gt=0, lt=1), AfterValidator(_held_out)]
 
 # The loss terms a scheme may weight, and the arguments each uses. kd/distill/losses.py implements them.
 LOSS_TERMS = (
@@ -45,7 +67,9 @@ _trace: Trace | None = None
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: YAML's .inf and .nan parse as floats, and an infinite learning rate or
+    # epoch count would otherwise pass every bound here and fail only inside training.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # Reads are recorded only while a trace is on (see "Which keys a stage reads" below).
     def __getattribute__(self, name: str) -> Any:
@@ -99,7 +123,7 @@ class Corpus(Strict):
     text_column: str = "text"
     n_docs: PositiveInt | None = None
     n_words: PositiveInt | None = None
-    test_fraction: Fraction = 0.05
+    test_fraction: TestFraction = 0.05
     min_chars: NonNegInt = 32
 
     @model_validator(mode="after")
@@ -242,6 +266,11 @@ class Scheme(Strict):
         t = self.temperature_schedule
         if t is not None and (t.start == 0 or t.end == 0):
             raise ValueError("temperature_schedule: a temperature must stay > 0")
+        if not self.active_terms:
+            raise ValueError(
+                "weight_schedules hold every term at 0 for the whole run, so nothing would be "
+                "trained: give one term a positive `start` or `end`"
+            )
         return self
 
     @property
@@ -308,7 +337,7 @@ class Probe(Strict):
     text_column: str = "text"
     label_column: str = "label"
     max_examples: Annotated[int, Field(ge=4)] | None = None  # stratified subsample; None = all
-    test_fraction: Fraction = 0.2
+    test_fraction: TestFraction = 0.2
     seed: NonNegInt = 0  # the split, the subsample and the fine-tune; never base.seed
     max_seq_length: Annotated[int, Field(ge=8, le=4096)] = 128
     batch_size: PositiveInt = 64  # texts per forward for features and held-out predictions
@@ -345,7 +374,7 @@ class Quantize(Strict):
     batch_size: PositiveInt = 16
     test_batches: PositiveInt = 8
     latency_batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 16], min_length=1)
-    latency_seq_length: PositiveInt = 128
+    latency_seq_length: PositiveInt | None = None  # null: whole blocks (tokenize.max_seq_length)
     warmup_batches: NonNegInt = 3
     latency_batches: PositiveInt = 20
     probe: bool = True  # also the linear probe (probe: section) of fp32 and int8
@@ -364,9 +393,36 @@ class Params(Strict):
     probe: Probe = Probe()
     quantize: Quantize = Quantize()
 
+    @model_validator(mode="after")
+    def _across_sections(self) -> Params:
+        # Checks that need two sections; each names both keys.
+        b, t = self.base, self.train
+        if t.batch_size % b.nproc:
+            raise ValueError(
+                f"train.batch_size={t.batch_size} cannot be split evenly over base.nproc="
+                f"{b.nproc} processes: make the batch size a multiple of the process count"
+            )
+        share = t.batch_size // b.nproc
+        if t.micro_batch_size is not None and share % t.micro_batch_size:
+            divisors = [d for d in range(1, share + 1) if share % d == 0]
+            raise ValueError(
+                f"train.micro_batch_size={t.micro_batch_size} does not divide the {share} rows "
+                f"each of base.nproc={b.nproc} process(es) gets per step (train.batch_size="
+                f"{t.batch_size}): pick one of {divisors}, or null for no accumulation"
+            )
+        latency = self.quantize.latency_seq_length
+        if latency is not None and latency > self.tokenize.max_seq_length:
+            raise ValueError(
+                f"quantize.latency_seq_length={self.quantize.latency_seq_length} is longer than "
+                f"the blocks the models are trained and scored on (tokenize.max_seq_length="
+                f"{self.tokenize.max_seq_length}): set it to at most that"
+            )
+        return self
+
 
 class ParamsError(SystemExit):
-    """A params.yaml problem, reported as one readable paragraph (exit status 2)."""
+    """A params.yaml problem, reported as one readable paragraph; an entry point run through
+    :func:`kd.core.cli.run` (every stage) prints it and exits with status 2."""
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -379,15 +435,19 @@ class ParamsError(SystemExit):
 def _format(err: ValidationError, path: Path) -> str:
     lines = [f"{path} is not valid ({err.error_count()} problem(s)); nothing was run:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "finite_number":
+            msg = (f"must be a finite number, got {e.get('input')!r}: YAML's .inf and .nan are "
+                   "not values a run can use; give a number")
+        elif e["type"] == "extra_forbidden":
             msg = "unknown key: check its spelling against params.yaml's documented keys, or remove it"
         elif e["type"] == "missing":
             msg = "required key is missing: add it (see the defaults in the repository's params.yaml)"
         elif not isinstance(e.get("input"), dict | list):  # a whole section is no help to quote
             msg = f"{msg} (got {e.get('input')!r})"
-        lines.append(f"  - {key}: {msg}")
+        # A rule across sections has no one key: its message names every key it involves.
+        lines.append(f"  - {key}: {msg}" if key else f"  - {msg}")
     return "\n".join(lines)
 
 

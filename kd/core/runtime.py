@@ -24,7 +24,10 @@ def set_seed(seed: int) -> torch.Generator:
 
 def pick_device(base: Base) -> torch.device:
     if base.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("base.device is 'cuda' but no CUDA device is visible: set base.device: auto")
+        raise SystemExit(
+            "base.device is 'cuda' but this machine has no CUDA device that torch can see "
+            f"(torch {torch.__version__}): set base.device: auto (or cpu), or run on a GPU machine"
+        )
     if base.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(base.device)

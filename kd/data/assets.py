@@ -48,11 +48,11 @@ def bbc_offline_dir() -> Path:
     return _package_dir(BBC_PACKAGE, BBC_PACKAGE, fix) / BBC_DIR
 
 
-def resolve_model(source: str) -> str:
+def resolve_model(source: str, key: str = "model path") -> str:
     """'default' -> the packaged teacher's directory; anything else is passed to from_pretrained.
 
-    A string that looks like a local path but does not exist is an error here, with the fix,
-    rather than a confusing hub lookup later.
+    A string that looks like a local path but does not exist is an error here, naming the
+    params ``key`` it came from and the fix, rather than a confusing hub lookup later.
     """
     if source == DEFAULT:
         return str(default_teacher_dir())
@@ -61,7 +61,7 @@ def resolve_model(source: str) -> str:
         return str(path)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise SystemExit(
-            f"model path '{source}' does not exist: give an existing local directory (made with "
+            f"{key} '{source}' does not exist: give an existing local directory (made with "
             "save_pretrained) or a hub name such as 'bert-base-uncased'"
         )
     return source

@@ -169,8 +169,9 @@ def _clone(x: Tensor | None) -> Tensor | None:
 def check_compatible(s_cfg, t_cfg, scheme: Scheme) -> list[int]:
     """The scheme's layer map for these two model configs, or a one-paragraph SystemExit.
 
-    Called by :class:`Distiller` and, before any stage runs, by kd/preflight.py, which has only
-    the configs: a layer map past the teacher's depth or a head-count mismatch is a params error.
+    Called by :class:`Distiller` and, before any stage runs, by kd/preflight/models.py, which
+    has only the configs: a layer map past the teacher's depth or a head-count mismatch is a
+    params error.
     """
     try:
         layer_map = resolve_layer_map(

@@ -18,7 +18,8 @@ Measured for the fp32 student and its quantized copy, on the same inputs:
   size_bytes               the file ``torch.save(model.state_dict())`` writes, in bytes (the
                            quantized one is kept as ``student_<dtype>.pt``)
   latency_ms/b<n>          median wall time of one masked-LM forward of n sequences of
-                           ``latency_seq_length`` tokens, after ``warmup_batches`` untimed ones;
+                           ``latency_seq_length`` tokens (whole blocks if null), after
+                           ``warmup_batches`` untimed ones;
                            latency_ms_per_seq/b<n> divides it by n. Wall time: these go to
                            ``Result.latency`` (MLflow), never into the metrics DVC hashes
 and for the quantized copy against fp32: kl_to_fp32 (KL(p_fp32 ‖ p_int8), T = 1) and
@@ -122,11 +123,13 @@ def score(
     return rows
 
 
-def latency_inputs(test: Dataset, batch_size: int, seq_length: int) -> dict[str, Tensor]:
-    """``batch_size`` real test blocks cut to ``seq_length`` tokens (cycled if too few)."""
+def latency_inputs(test: Dataset, batch_size: int, seq_length: int | None) -> dict[str, Tensor]:
+    """``batch_size`` real test blocks cut to ``seq_length`` tokens (whole blocks for None;
+    cycled if too few)."""
     if len(test) == 0:
         raise SystemExit("the test split is empty: there is nothing to time the models on")
     block = len(test[0]["input_ids"])
+    seq_length = seq_length or block
     if seq_length > block:
         raise SystemExit(
             f"quantize.latency_seq_length={seq_length} is longer than the {block}-token blocks "
@@ -235,7 +238,8 @@ def latency_markdown(lat: dict, cfg: Quantize, threads: int) -> str:
         f"# Latency, fp32 vs {cfg.dtype}",
         "",
         f"On {threads} CPU thread(s): median of {cfg.latency_batches} forwards of "
-        f"{cfg.latency_seq_length}-token sequences after {cfg.warmup_batches} warm-up ones.",
+        f"{f'{cfg.latency_seq_length}-token' if cfg.latency_seq_length else 'whole-block'} "
+        f"sequences after {cfg.warmup_batches} warm-up ones.",
         "",
         f"| batch | fp32 (ms per sequence) | {cfg.dtype} (ms per sequence) | speed-up |",
         "|---|---|---|---|",

@@ -14,6 +14,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from kd.core import cli
+
 # The majors DVC's renderer writes specs for (dvc_render/vega.py pins vega 5, vega-lite 5, embed 6).
 PACKAGES = {"vega": "5", "vega-lite": "5", "vega-embed": "6"}
 BUILDS = {"vega": "build/vega.min.js", "vega-lite": "build/vega-lite.min.js",
@@ -74,4 +76,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

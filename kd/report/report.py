@@ -20,7 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from kd.core.arms import Outputs
-from kd.core.io import atomic_dir, read_json
+from kd.core.io import atomic_dir, need, read_json
 from kd.core.params import Scheme
 
 # Keys that must exist for every arm in comparison.json, so every arm's block has them.
@@ -58,24 +58,18 @@ class Arm:
         return self.scheme is not None and self.scheme.uses_intermediate
 
 
-def _need(path: Path, stage: str) -> Path:
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: run {stage} first (`dvc repro`)")
-    return path
-
-
 def load_arm(out: Outputs, scheme: Scheme | None) -> Arm:
     """Read a trained scheme's evaluate and train outputs; ``scheme`` None reads the floor (its
     evaluation only)."""
     arm = Arm(
         out.name,
         scheme,
-        read_json(_need(out.eval_json, out.eval_stage)),
-        pd.read_csv(_need(out.eval_csv, out.eval_stage)),
+        read_json(need(out.eval_json, out.eval_stage)),
+        pd.read_csv(need(out.eval_csv, out.eval_stage)),
     )
     if scheme is not None:
-        arm.train = read_json(_need(out.train_json, out.train_stage))
-        arm.steps = pd.read_csv(_need(out.train_csv, out.train_stage))
+        arm.train = read_json(need(out.train_json, out.train_stage))
+        arm.steps = pd.read_csv(need(out.train_csv, out.train_stage))
     return arm
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from scipy import stats
 
+from kd.core import cli
 from kd.core.io import atomic_file, write_json
 from kd.core.tracking import flatten, repo_root, start_run
 from kd.report.report import CLAIMS, fmt
@@ -501,4 +502,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -13,6 +13,8 @@ import os
 import runpy
 import sys
 
+from kd.core import cli
+from kd.core import dist as kdist
 from kd.core.params import load_params
 
 
@@ -25,9 +27,9 @@ def main() -> None:
         sys.argv = [module, *args]
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         return
-    cmd = ["torchrun", "--standalone", f"--nproc-per-node={nproc}", "-m", module, *args]
+    cmd = [kdist.torchrun(nproc), "--standalone", f"--nproc-per-node={nproc}", "-m", module, *args]
     os.execvp(cmd[0], cmd)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

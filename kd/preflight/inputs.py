@@ -1,0 +1,63 @@
+"""What the input files can tell: the corpus sample and the probe's labelled set.
+
+The corpus check takes the very sample the sample_corpus stage will take (kd/data/corpus.py,
+under a second on the default corpus), so every message that stage can give about a missing path,
+an empty folder, an unreadable file or too few documents is given here, before DVC deletes
+data/corpus. A hub source is streamed over the network and is left to its stage.
+"""
+
+from __future__ import annotations
+
+import math
+
+from kd.core.params import Params
+from kd.data import corpus
+
+
+def max_blocks(docs: list[corpus.Document], max_seq_length: int) -> int:
+    """An upper bound on the training blocks tokenize can pack from ``docs``.
+
+    A tokenizer makes at most one token per byte of UTF-8 (WordPiece: at most one per character;
+    byte-level BPE: at most one per byte), each document adds one separator, and a block holds
+    ``max_seq_length - 2`` of them (kd/data/tokens.py). So a bound below the batch size proves
+    the split too small without tokenizing it.
+    """
+    tokens = sum(len(d.text.encode("utf-8")) + 1 for d in docs)
+    return math.ceil(tokens / (max_seq_length - 2))
+
+
+def check_corpus(p: Params) -> None:
+    if p.corpus.source == "hf":
+        return
+    splits = corpus.sample(p.corpus, p.corpus.seed)
+    train, test = splits["train"], splits["test"]
+    need = p.train.batch_size
+    bound = max_blocks(train, p.tokenize.max_seq_length)
+    if bound >= need:
+        return
+    everything = max_blocks(train + test, p.tokenize.max_seq_length)
+    if everything >= need:
+        fix = (f"lower corpus.test_fraction (now {p.corpus.test_fraction}), sample more "
+               "documents, or lower train.batch_size")
+    else:
+        fix = ("sample more documents (corpus.n_docs / corpus.n_words, or a larger corpus), or "
+               f"lower train.batch_size to at most {max(1, bound)}")
+    raise SystemExit(
+        f"the train split would hold {len(train)} document(s) ({len(test)} are held out by "
+        f"corpus.test_fraction={p.corpus.test_fraction}), at most {bound} block(s) of "
+        f"tokenize.max_seq_length={p.tokenize.max_seq_length} tokens; one training step needs "
+        f"train.batch_size={need}: {fix}"
+    )
+
+
+def check_probe(p: Params) -> None:
+    if p.probe.source == "hf":
+        return
+    from kd.probe import probe
+
+    probe.load_split(p.probe)
+
+
+def check(p: Params) -> None:
+    check_corpus(p)
+    check_probe(p)
