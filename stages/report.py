@@ -6,9 +6,9 @@ import math
 
 from kd.core import arms as kd_arms
 from kd.core import cli, runtime, tracking
-from kd.core.io import atomic_dir, write_json
+from kd.core.io import atomic_dir, need, read_json, write_json
 from kd.core.params import load_params
-from kd.report import report
+from kd.report import card, report
 
 
 def main() -> None:
@@ -24,14 +24,26 @@ def main() -> None:
         kd_arms.FLOOR: floor_out.probe_json,
         **{o.name: o.probe_json for o in compared},
     }
+    probed = report.read_probes(probes)
     probe_keys, probe_md = report.probe_results(
-        report.read_probes(probes),
+        probed,
         [a.name for a in arms],
         headline,
         kd_arms.FLOOR,
     )
     summary.update(probe_keys)
-    head = report.headline_metrics(summary, next(a for a in arms if a.name == headline))
+    headline_arm = next(a for a in arms if a.name == headline)
+    head = report.headline_metrics(summary, headline_arm)
+    corpus = read_json(need(p.paths.metrics / "corpus.json", "sample_corpus"))
+    probe_dataset = probed and (f"{probed['dataset']} ({probed['n_classes']} classes, "
+                                f"{probed['n_test']} held-out texts)")
+
+    def model_card(model) -> str:
+        return card.model_card(
+            head, p.loss.schemes[headline], p.teacher.source, model.config.to_dict(),
+            sum(t.numel() for t in model.parameters()), headline_arm.train, corpus,
+            probe_dataset,
+        )
 
     with tracking.start_run(
         "report", params={"loss.scheme": headline, "loss.arms": ",".join(p.loss.arms)},
@@ -41,7 +53,7 @@ def main() -> None:
             figs = report.figures(arms, tmp)
             md = report.markdown(arms, headline, figs, floor)
             (tmp / "report.md").write_text(md + "\n".join(probe_md))
-        report.export(kd_arms.headline(p).student, p.paths.distilled)
+        report.export(kd_arms.headline(p).student, p.paths.distilled, model_card)
         write_json(p.paths.metrics / "comparison.json", summary)
         write_json(p.paths.metrics / "eval.json", head)
         run.log_metrics(

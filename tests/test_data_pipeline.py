@@ -14,7 +14,7 @@ from conftest import copy_project
 from mlflow.tracking import MlflowClient
 
 from kd.core.io import read_json
-from kd.core.tracking import EXPERIMENT
+from kd.core.tracking import EXPERIMENT, STAGE_RUNS
 from kd.data import tokens
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def test_repro_tokenize_then_up_to_date_then_params_change(pipeline_repo) -> Non
     # Both stages tracked into the repo's own database, not the caller's.
     client = MlflowClient(tracking_uri=f"sqlite:///{repo.path / 'mlflow.db'}")
     exp = client.get_experiment_by_name(EXPERIMENT)
-    stages = {r.data.tags["kd.stage"] for r in client.search_runs([exp.experiment_id])}
+    stages = {r.data.tags["kd.stage"] for r in client.search_runs([exp.experiment_id], STAGE_RUNS)}
     assert stages == {"sample_corpus", "tokenize"}
 
     again = repo.run("dvc", "repro", "tokenize")

@@ -52,11 +52,13 @@ def test_two_processes_match_one(tmp_path):
         db2,
     )
     compare(torch.load(one / "result.pt"), torch.load(two / "result.pt"))
-    # Only rank 0 tracks: one run, with the full metric history.
+    # Only rank 0 tracks: one stage run (and its parent), with the full metric history.
+    from kd.core.tracking import PIPELINE_RUNS, STAGE_RUNS
+
     client = MlflowClient(tracking_uri=db2)
     exp = client.get_experiment_by_name("kd-pipeline")
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 1
+    runs = client.search_runs([exp.experiment_id], STAGE_RUNS)
+    assert len(runs) == 1 and len(client.search_runs([exp.experiment_id], PIPELINE_RUNS)) == 1
     assert len(client.get_metric_history(runs[0].info.run_id, "loss/total")) == 4
 
 

@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from kd.core.tracking import EXPERIMENT
+from kd.core.tracking import EXPERIMENT, PIPELINE_RUNS, STAGE_RUNS
 
 pytestmark = pytest.mark.slow
 
@@ -98,12 +98,17 @@ def api(tiny_pipeline, tmp_path_factory):
         log.close()
 
 
+def _search(api, filter_string: str) -> list[dict]:
+    exp = api.get("experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
+    body = {"experiment_ids": [exp["experiment_id"]], "filter": filter_string, "max_results": 1000}
+    return api.post("runs/search", body).get("runs", [])
+
+
 @pytest.fixture(scope="module")
 def runs(api) -> dict[str, dict]:
-    exp = api.get("experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
-    found = api.post("runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 1000})
+    """The stage runs, by name."""
     out = {}
-    for run in found["runs"]:
+    for run in _search(api, STAGE_RUNS):
         name = run["info"]["run_name"]
         assert name not in out, f"two runs named {name}: the pipeline ran once"
         out[name] = {**run["info"], "tags": {t["key"]: t["value"] for t in run["data"]["tags"]}}
@@ -114,6 +119,16 @@ def test_experiment_opens_on_training_runs(api) -> None:
     exp = api.get("experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
     tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
     assert tags.get("mlflow.experimentKind") == "custom_model_development"
+
+
+def test_one_parent_run_holds_every_stage_run(api, runs) -> None:
+    """One `dvc repro`, one parent run in the Experiments page; each stage's run nested in it."""
+    (parent,) = _search(api, PIPELINE_RUNS)
+    tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+    assert parent["info"]["run_name"] == tags["kd.group"] == runs["train@logit"]["tags"]["kd.group"]
+    assert parent["info"]["status"] == "FINISHED"
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["kd.params_sha256"]
+    assert {r["tags"]["mlflow.parentRunId"] for r in runs.values()} == {parent["info"]["run_id"]}
 
 
 def test_both_arms_are_runs_of_one_group(runs) -> None:

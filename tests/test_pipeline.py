@@ -23,7 +23,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from kd.core.io import read_json
-from kd.core.tracking import EXPERIMENT
+from kd.core.tracking import EXPERIMENT, PIPELINE_RUNS, STAGE_RUNS
 from kd.report import seeds
 
 pytestmark = pytest.mark.slow
@@ -148,6 +148,13 @@ def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline) -> None:
         assert name in (report / "report.md").read_text(), f"{name} is not in report.md"
     assert (data / "distilled" / "model.safetensors").is_file()
     assert (data / "distilled" / "model.safetensors").read_bytes() == _weights(repo, "multi")
+    # Its model card states eval.json's numbers (kd/report/card.py).
+    card = yaml.safe_load((data / "distilled" / "README.md").read_text().split("---")[1])
+    stated = {m["type"] + ":" + m["name"]: m["value"]
+              for r in card["model-index"][0]["results"] for m in r["metrics"]}
+    assert stated["kl_divergence:KL(teacher ‖ student) at T = 1, masked positions"] == round(
+        headline["test/logit_kl_t1"], 4)
+    assert any(k.startswith("accuracy:linear probe") for k in stated), stated
     for arm in ARMS:
         assert (data / "students" / arm / "model.safetensors").is_file(), arm
         assert read_json(data / "train" / f"{arm}.json")["steps"] == 6
@@ -158,7 +165,7 @@ def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline) -> None:
     # Every stage tracked into the repository's own database (DVC_ROOT), not the caller's.
     client = MlflowClient(tracking_uri=f"sqlite:///{repo.path / 'mlflow.db'}")
     exp = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([exp.experiment_id], STAGE_RUNS)
     names = sorted(r.info.run_name for r in runs)
     # check_params only validates: it has no run of its own.
     # The scheme stages only write a note here (loss.scheme is an arm): no run either.
@@ -198,6 +205,17 @@ def test_scheme_only_experiment_reruns_only_report(tiny_pipeline, twin, tmp_path
     assert (repo.path / "data" / "distilled" / "model.safetensors").read_bytes() == _weights(
         repo, "logit"
     )
+
+    # MLflow: one parent run per pipeline execution (the tiny `dvc repro`, this experiment), each
+    # holding the stage runs it ran.
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo.path / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    parents = client.search_runs([exp_id], PIPELINE_RUNS)
+    assert len(parents) == 2, [p.info.run_name for p in parents]
+    (ours,) = [p for p in parents if p.data.tags["kd.dvc_exp"] != "workspace"]
+    children = client.search_runs(
+        [exp_id], f"{STAGE_RUNS} AND tags.`mlflow.parentRunId` = '{ours.info.run_id}'")
+    assert "report" in {c.info.run_name for c in children}
 
     rows = {r.label: r.metrics for r in seeds.parse_rows(seeds.exp_show(repo.path)) if r.metrics}
     schemes = {name: r.get("scheme") for name, r in rows.items()}

@@ -15,7 +15,7 @@ from tiny import TOPICS, tiny_bert, topic_folder, topic_texts
 from kd.core.io import read_json
 from kd.core.params import ParamsError, Probe, parse_params
 from kd.core.runtime import set_seed
-from kd.core.tracking import EXPERIMENT
+from kd.core.tracking import EXPERIMENT, STAGE_RUNS
 from kd.probe import probe
 from kd.report import report as kd_report
 
@@ -259,7 +259,7 @@ def test_stage_scores_every_model_writes_metrics_and_tracks(
         assert written["runtime"]["threads"] == 1 and written["runtime"]["precision"] == "fp32"
     assert not any(k.startswith("missing/") for k in m)
     client = MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], STAGE_RUNS)
     assert sorted(r.info.run_name for r in runs) == sorted(
         ["probe@teacher", "probe@student_init", "probe@logit", "probe@multi"]
     )

@@ -16,7 +16,7 @@ from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
 from kd.core.io import read_json
 from kd.core.params import Quantize
-from kd.core.tracking import EXPERIMENT
+from kd.core.tracking import EXPERIMENT, STAGE_RUNS
 from kd.data.masking import IGNORE
 from kd.quantize import dynamic as quantize
 
@@ -167,7 +167,7 @@ def test_stage_writes_metrics_report_and_model(tmp_path, monkeypatch) -> None:
 
     client = MlflowClient()
     exp = client.get_experiment_by_name(EXPERIMENT)
-    (run,) = client.search_runs([exp.experiment_id])
+    (run,) = client.search_runs([exp.experiment_id], STAGE_RUNS)
     assert run.data.tags["kd.stage"] == "quantize"
     assert run.data.metrics["size_ratio"] == pytest.approx(m["size_ratio"])
 

@@ -14,6 +14,7 @@ from kd.core import arms as kd_arms
 from kd.core.io import read_json, write_json
 from kd.core.params import Scheme
 from kd.evaluation.evaluate import summarize
+from kd.report import card as card_module
 from kd.report import report
 
 LOGIT = Scheme(terms={"logit": 1.0})
@@ -89,6 +90,9 @@ def write_arm(
         train_dir / f"{name}.json",
         {
             "steps": 10,
+            "epochs": 1.0,
+            "tokens": 1280,
+            "layer_map": [1, 2],
             "flops": 2e12,
             "final/loss/total": 1.0,
             "mean/grad_norm/embeddings": grad,
@@ -237,6 +241,8 @@ def test_stage_writes_figures_report_metrics_and_distilled_model(
             }
         )
     )
+    split = {"docs": 10, "words": 500, "chars": 3000}
+    write_json(tmp_path / "metrics" / "corpus.json", {"train": split, "test": split})
     monkeypatch.chdir(tmp_path)
     stage.main()
 
@@ -263,3 +269,13 @@ def test_stage_writes_figures_report_metrics_and_distilled_model(
     assert model.config.hidden_size == 16
     assert (tmp_path / "distilled" / "tokenizer.json").exists()
     assert (tmp_path / "distilled" / "kd_config.json").exists()
+    # The model card: Hugging Face front matter whose model-index holds eval.json's numbers.
+    card = (tmp_path / "distilled" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["pipeline_tag"] == "fill-mask" and "multi" in meta["tags"]
+    (index,) = meta["model-index"]
+    got = {m["name"]: m["value"] for r in index["results"] for m in r["metrics"]}
+    for key, _, name in card_module.MLM_METRICS:
+        assert got[name] == round(head[key], 4), key
+    assert all(f"{term} × 1" in card for term in MULTI.terms), card
+    assert 'pipeline("fill-mask", model=' in card

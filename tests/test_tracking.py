@@ -16,7 +16,7 @@ def _client() -> MlflowClient:
 def _runs(client: MlflowClient):
     exp = client.get_experiment_by_name(tracking.EXPERIMENT)
     assert exp is not None
-    return client.search_runs([exp.experiment_id])
+    return client.search_runs([exp.experiment_id], tracking.STAGE_RUNS)
 
 
 # --- where runs go -------------------------------------------------------------------------------
@@ -93,6 +93,37 @@ def test_second_run_reuses_the_experiment() -> None:
     # No experiment name: the workspace's group key, the same for both stages.
     assert len({r.data.tags["kd.group"] for r in runs}) == 1
     assert runs[0].data.tags["kd.dvc_exp"] == "workspace"
+
+
+def test_stage_runs_nest_under_one_parent_per_pipeline_execution(monkeypatch) -> None:
+    """One parent per group key (a `dvc repro` or a `dvc exp run`), named after it and tagged
+    with the revision and params hash; a stage rerun alone finds it again; its status follows
+    the latest stage."""
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "b" * 40)
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-otter")
+    with tracking.start_run("train", arm="logit") as a:
+        pass
+    with tracking.start_run("train", arm="multi") as b:
+        pass
+    monkeypatch.setenv("DVC_EXP_NAME", "calm-heron")
+    with pytest.raises(RuntimeError), tracking.start_run("train", arm="logit") as c:
+        raise RuntimeError("boom")
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-otter")
+    with tracking.start_run("report") as d:  # a stage rerun alone, later
+        pass
+
+    client = _client()
+    exp = client.get_experiment_by_name(tracking.EXPERIMENT)
+    parents = {r.info.run_name: r for r in client.search_runs([exp.experiment_id],
+                                                              tracking.PIPELINE_RUNS)}
+    assert set(parents) == {"brisk-otter", "calm-heron"}
+    otter = parents["brisk-otter"]
+    assert otter.data.tags["mlflow.source.git.commit"] == "b" * 40
+    assert otter.data.tags["kd.params_sha256"] == tracking.params_hash()
+    assert otter.info.status == "FINISHED" and parents["calm-heron"].info.status == "FAILED"
+    nested = {r.info.run_id: r.data.tags["mlflow.parentRunId"] for r in _runs(client)}
+    assert nested == {a.run_id: otter.info.run_id, b.run_id: otter.info.run_id,
+                      d.run_id: otter.info.run_id, c.run_id: parents["calm-heron"].info.run_id}
 
 
 def test_failed_body_marks_the_run_failed() -> None:

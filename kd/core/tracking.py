@@ -7,7 +7,12 @@ experiment, whose working directory is a throwaway copy: a relative ``sqlite:///
 land in that copy and vanish with it.
 
 Every run is tagged with its stage, arm, DVC experiment name, git revision and a group key shared
-by the runs of one ``dvc repro`` / ``dvc exp run``, so the UI can line the arms up.
+by the runs of one ``dvc repro`` / ``dvc exp run``, so the UI can line the arms up. Runs are
+grouped the MLflow way: each pipeline execution (one group key) has one parent run, named after
+the DVC experiment and tagged with the git revision and the params hash, and every stage's run is
+nested under it (``mlflow.parentRunId``), so the Experiments page shows one row per experiment
+that expands into its stages. A stage rerun alone (``dvc repro -s train@multi``) has the same
+revision and params, so it finds the same parent.
 
 Tracking never kills training: if the backend is unreachable or locked, the first failure is
 reported once on stderr and every later call becomes a no-op; DVC metrics and plots, written by
@@ -70,6 +75,13 @@ def git_revision() -> str:
         return "unknown"
 
 
+def params_hash(params_file: str | os.PathLike = "params.yaml") -> str:
+    try:
+        return hashlib.sha256(Path(params_file).read_bytes()).hexdigest()[:8]
+    except OSError:
+        return "noparams"
+
+
 def group_key(params_file: str | os.PathLike = "params.yaml") -> str:
     """A key shared by every stage run of one `dvc repro` / `dvc exp run`.
 
@@ -79,11 +91,7 @@ def group_key(params_file: str | os.PathLike = "params.yaml") -> str:
     name = os.environ.get("DVC_EXP_NAME")
     if name:
         return name
-    try:
-        digest = hashlib.sha256(Path(params_file).read_bytes()).hexdigest()[:8]
-    except OSError:
-        digest = "noparams"
-    return f"workspace-{git_revision()[:8]}-{digest}"
+    return f"workspace-{git_revision()[:8]}-{params_hash(params_file)}"
 
 
 def flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
@@ -106,12 +114,13 @@ class Run:
         self.run_id = run_id
         self._dead = run_id is None
 
-    def _call(self, what: str, *args, **kwargs):
+    def _call(self, what: str, *args, client: bool = False, **kwargs):
         # Look the function up only when alive: a no-op Run has no mlflow module at all.
         if self._dead:
             return None
         try:
-            return getattr(self._mlflow, what)(*args, **kwargs)
+            target = self._mlflow.MlflowClient() if client else self._mlflow
+            return getattr(target, what)(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - any backend failure must not stop training
             self._dead = True
             print(
@@ -158,6 +167,37 @@ def metric_key(key: str) -> str:
     return _BAD_KEY_CHARS.sub("-", key)
 
 
+# kd.role tells the two kinds of run apart: a pipeline execution (the parent) and a stage's run.
+ROLE = "kd.role"
+PIPELINE, STAGE = "pipeline", "stage"
+# search_runs filters: the stage runs only, or the pipeline executions only.
+STAGE_RUNS = f"tags.`{ROLE}` = '{STAGE}'"
+PIPELINE_RUNS = f"tags.`{ROLE}` = '{PIPELINE}'"
+
+
+def _parent(client, exp_id: str, group: str) -> str:
+    """The parent run of this pipeline execution: found by its group key, or made now."""
+    found = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`kd.group` = '{group}' AND {PIPELINE_RUNS}",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        exp_id,
+        run_name=group,
+        tags={
+            ROLE: PIPELINE,
+            "kd.group": group,
+            "kd.dvc_exp": os.environ.get("DVC_EXP_NAME", "workspace"),
+            "kd.params_sha256": params_hash(),
+            "mlflow.source.git.commit": git_revision(),
+        },
+    )
+    return run.info.run_id
+
+
 def _open(stage: str, arm: str | None, tags: Mapping[str, object], run_id: str | None):
     # MLflow's HTTP client retries for minutes by default; a stage should learn within seconds
     # that the server is down and carry on without it. A user's own settings win.
@@ -176,9 +216,16 @@ def _open(stage: str, arm: str | None, tags: Mapping[str, object], run_id: str |
     else:
         exp_id = exp.experiment_id
     name = f"{stage}@{arm}" if arm else stage
+    group = group_key()
+    client = mlflow.MlflowClient()
+    parent = _parent(client, exp_id, group)
+    # The parent says how the latest of its stages is doing (set back when the stage ends).
+    client.update_run(parent, status="RUNNING")
     all_tags = {
+        ROLE: STAGE,
+        "mlflow.parentRunId": parent,
         "kd.stage": stage,
-        "kd.group": group_key(),
+        "kd.group": group,
         "kd.dvc_exp": os.environ.get("DVC_EXP_NAME", "workspace"),
         "mlflow.source.git.commit": git_revision(),
         **({"kd.arm": arm} if arm else {}),
@@ -188,11 +235,11 @@ def _open(stage: str, arm: str | None, tags: Mapping[str, object], run_id: str |
         try:
             # A resumed stage continues the run its checkpoint names: one curve, not two halves.
             run = mlflow.start_run(run_id=run_id)
-            return mlflow, run.info.run_id
+            return mlflow, run.info.run_id, parent
         except Exception:  # noqa: BLE001 - that run is gone (another database): start afresh
             pass
     run = mlflow.start_run(experiment_id=exp_id, run_name=name, tags=all_tags)
-    return mlflow, run.info.run_id
+    return mlflow, run.info.run_id, parent
 
 
 @contextlib.contextmanager
@@ -214,7 +261,7 @@ def start_run(
         yield Run(None, None)
         return
     try:
-        mlflow, run_id = _open(stage, arm, tags or {}, run_id)
+        mlflow, run_id, parent = _open(stage, arm, tags or {}, run_id)
     except Exception as err:  # noqa: BLE001
         print(
             f"warning: cannot reach MLflow at {tracking_uri()} ({type(err).__name__}: {err}); "
@@ -235,3 +282,4 @@ def start_run(
     finally:
         # KeyboardInterrupt included: the run is closed either way, marked by how it ended.
         handle._call("end_run", status=status)
+        handle._call("set_terminated", parent, status=status, client=True)

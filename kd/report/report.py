@@ -562,8 +562,9 @@ def markdown(arms: list[Arm], headline: str, figs: list[Path], floor: Arm | None
     return "\n".join(lines)
 
 
-def export(student_dir: Path, dest: Path) -> None:
-    """Save the headline student (weights, tokenizer, its kd_config.json) to ``dest``."""
+def export(student_dir: Path, dest: Path, card=None) -> None:
+    """Save the headline student (weights, tokenizer, its kd_config.json) to ``dest``, with the
+    model card ``card(model)`` returns as its README.md (kd/report/card.py)."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     model = AutoModelForMaskedLM.from_pretrained(student_dir)
@@ -571,6 +572,8 @@ def export(student_dir: Path, dest: Path) -> None:
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card(model), encoding="utf-8")
         if (student_dir / "kd_config.json").exists():
             shutil.copy(student_dir / "kd_config.json", tmp / "kd_config.json")
 
