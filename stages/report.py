@@ -8,7 +8,7 @@ from kd.core import arms as kd_arms
 from kd.core import cli, runtime, tracking
 from kd.core.io import atomic_dir, need, read_json, write_json
 from kd.core.params import load_params
-from kd.report import card, report
+from kd.report import card, registry, report
 
 
 def main() -> None:
@@ -54,6 +54,7 @@ def main() -> None:
             md = report.markdown(arms, headline, figs, floor)
             (tmp / "report.md").write_text(md + "\n".join(probe_md))
         report.export(kd_arms.headline(p).student, p.paths.distilled, model_card)
+        version = registry.register(run, p.paths.distilled, head)
         write_json(p.paths.metrics / "comparison.json", summary)
         write_json(p.paths.metrics / "eval.json", head)
         run.log_metrics(
@@ -67,6 +68,7 @@ def main() -> None:
     print(
         f"headline {headline}: test logit KL {report.fmt(head['test/logit_kl_t1'])}; "
         f"report in {p.paths.report / 'report.md'}, model in {p.paths.distilled}"
+        + (f", registered in MLflow as {registry.NAME} version {version}" if version else "")
     )
 
 

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from kd.core.io import read_json
 from kd.core.tracking import EXPERIMENT, PIPELINE_RUNS, STAGE_RUNS
-from kd.report import seeds
+from kd.report import registry, seeds
 
 pytestmark = pytest.mark.slow
 
@@ -216,6 +216,11 @@ def test_scheme_only_experiment_reruns_only_report(tiny_pipeline, twin, tmp_path
     children = client.search_runs(
         [exp_id], f"{STAGE_RUNS} AND tags.`mlflow.parentRunId` = '{ours.info.run_id}'")
     assert "report" in {c.info.run_name for c in children}
+    # The model registry: one version per execution, the alias on the experiment's.
+    versions = client.search_model_versions(f"name = '{registry.NAME}'")
+    assert sorted(v.tags["kd.dvc_exp"] == "workspace" for v in versions) == [False, True]
+    latest = client.get_model_version_by_alias(registry.NAME, registry.ALIAS)
+    assert latest.tags["kd.scheme"] == "logit" and latest.tags["kd.dvc_exp"] != "workspace"
 
     rows = {r.label: r.metrics for r in seeds.parse_rows(seeds.exp_show(repo.path)) if r.metrics}
     schemes = {name: r.get("scheme") for name, r in rows.items()}

@@ -15,7 +15,7 @@ from kd.core.io import read_json, write_json
 from kd.core.params import Scheme
 from kd.evaluation.evaluate import summarize
 from kd.report import card as card_module
-from kd.report import report
+from kd.report import registry, report
 
 LOGIT = Scheme(terms={"logit": 1.0})
 MULTI = Scheme(terms={"embedding": 1.0, "hidden": 1.0, "attention": 1.0, "logit": 1.0})
@@ -279,3 +279,18 @@ def test_stage_writes_figures_report_metrics_and_distilled_model(
         assert got[name] == round(head[key], 4), key
     assert all(f"{term} × 1" in card for term in MULTI.terms), card
     assert 'pipeline("fill-mask", model=' in card
+
+    # The model registry: one version, tagged, under the alias, and it loads and fills a mask.
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    (version,) = client.search_model_versions(f"name = '{registry.NAME}'")
+    assert version.tags["kd.scheme"] == "multi" and version.tags["kd.dvc_exp"] == "workspace"
+    assert version.tags["metric.test/logit_kl_t1"] == f"{head['test/logit_kl_t1']:.4f}"
+    alias = client.get_model_version_by_alias(registry.NAME, registry.ALIAS)
+    assert alias.version == version.version
+    fill = mlflow.transformers.load_model(f"models:/{registry.NAME}@{registry.ALIAS}")
+    assert len(fill("The capital of France is [MASK].")) == 5
+    # A second report run of the same pipeline execution keeps its one version.
+    stage.main()
+    assert len(client.search_model_versions(f"name = '{registry.NAME}'")) == 1

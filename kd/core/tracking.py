@@ -114,15 +114,20 @@ class Run:
         self.run_id = run_id
         self._dead = run_id is None
 
-    def _call(self, what: str, *args, client: bool = False, **kwargs):
+    def _call(self, what, *args, client: bool = False, **kwargs):
+        """``mlflow.<what>`` (``MlflowClient().<what>`` with ``client``, or ``what(mlflow)`` for a
+        callable); the first failure turns this run into a no-op."""
         # Look the function up only when alive: a no-op Run has no mlflow module at all.
         if self._dead:
             return None
         try:
+            if callable(what):
+                return what(self._mlflow, *args, **kwargs)
             target = self._mlflow.MlflowClient() if client else self._mlflow
             return getattr(target, what)(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - any backend failure must not stop training
             self._dead = True
+            what = getattr(what, "__name__", what)
             print(
                 f"warning: MLflow {what} failed ({type(err).__name__}: {err}); tracking is off "
                 "for the rest of this stage, DVC metrics and plots are still written",
@@ -150,6 +155,11 @@ class Run:
 
     def log_artifacts(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self._call("log_artifacts", str(path), artifact_path)
+
+    def call(self, fn, *args, **kwargs):
+        """``fn(mlflow, *args, **kwargs)`` under the same guard as every other call: for what
+        this handle has no method for (a model flavour, the registry)."""
+        return self._call(fn, *args, **kwargs)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """A text artifact written by MLflow itself: for what must not land in an output."""
