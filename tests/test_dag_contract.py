@@ -151,6 +151,7 @@ def _status(repo: GitDvcRepo) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_editing_one_byte_of_a_module_makes_dvc_status_list_its_stages(tiny_pipeline, tmp_path):
     repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
     assert _status(repo) == set()

@@ -322,8 +322,10 @@ def bad_input_repo(_bad_input_repo):
     "override, key",
     [
         ("train.lr=-1", "train.lr"),
-        ("train.lrr=1", "train.lrr"),  # refused by DVC itself: -S cannot add keys
-        ("loss.schemes.multi.layer_map=[1,9]", "layer_map"),  # past the teacher's 2 layers
+        # refused by DVC itself: -S cannot add keys
+        pytest.param("train.lrr=1", "train.lrr", marks=pytest.mark.long),
+        # past the teacher's 2 layers
+        pytest.param("loss.schemes.multi.layer_map=[1,9]", "layer_map", marks=pytest.mark.long),
         # One of each kind the gate reads besides params (every kind: tests/test_refused_inputs.py)
         ("teacher.source={root}/config-only", "teacher.source"),
         ("corpus.text_path={root}/no-such-corpus.txt", "corpus.text_path"),
@@ -380,6 +382,7 @@ def test_unreachable_tracking_server_warns_once_and_writes_outputs(tiny_pipeline
     assert read_json(metrics) == before  # no wall time in it: the same bytes again
 
 
+@pytest.mark.long
 def test_killed_training_resumes_to_the_same_result(tiny_pipeline, tmp_path) -> None:
     repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
     # Long enough that a kill 0.5-2 s after the first checkpoint lands mid-run: a tiny step takes
