@@ -74,6 +74,8 @@ def run_stage(p, out: arms.Outputs, scheme) -> None:
         arm=name,
         runtime=rt,
     ) as run:
+        for split in ("train", "test"):
+            run.log_dataset(dd[split], f"tokens/{split}", p.paths.tokens / split, "evaluation")
         result = evaluate(
             teacher,
             student,

@@ -29,7 +29,12 @@ def main() -> None:
     print(f"teacher '{p.teacher.source}': MLM head {'present' if has_head else 'missing'}")
     attention = runtime.attention_implementation(p.base.attention, device) if adapt else None
     rt = runtime.record(device, p.base.precision, attention)
-    with tracking.start_run("prepare_teacher", params=p.teacher.model_dump(), runtime=rt) as run:
+    with tracking.start_run(
+        "prepare_teacher", params=p.teacher.model_dump(), runtime=rt, system_metrics=True
+    ) as run:
+        for split in ("train", "test"):
+            run.log_dataset(dd[split], f"tokens/{split}", p.paths.tokens / split,
+                            "training" if split == "train" else "evaluation")
         run.set_tags({"kd.teacher_adapted": adapt})
         info = {"adapt_steps": 0}
         if adapt:

@@ -85,7 +85,9 @@ def run_stage(p, out: arms.Outputs) -> None:
         run_id=resume.get("mlflow_run_id") if resume else None,
         enabled=dist.main,  # rank 0 alone logs and writes
         runtime=rt,
+        system_metrics=True,
     ) as run:
+        run.log_dataset(ds, "tokens/train", p.paths.tokens / "train", "training")
         result = train(
             distiller,
             teacher,

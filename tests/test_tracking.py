@@ -273,3 +273,24 @@ def test_dvc_experiments_track_into_the_parent_repo(git_dvc_repo) -> None:
         assert run.data.metrics["score"] == pytest.approx(2 * lr)
     shown = repo.run("dvc", "exp", "show", "--csv")
     assert "temp-exp" in shown and "queued-exp" in shown
+
+
+def test_datasets_are_logged_as_run_inputs_and_long_stages_sample_the_system(monkeypatch):
+    import time
+
+    import pandas as pd
+    from datasets import Dataset
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    docs = pd.DataFrame({"id": ["a", "b"], "text": ["one doc", "another doc"]})
+    blocks = Dataset.from_dict({"input_ids": [[101, 7, 102], [101, 8, 102]]})
+    with tracking.start_run("train", arm="logit", system_metrics=True) as run:
+        run.log_dataset(docs, "corpus/train", "data/corpus/train.jsonl", "training")
+        run.log_dataset(blocks, "tokens/train", "data/tokens/train", "training")
+        time.sleep(2.5)
+    got = _client().get_run(run.run_id)
+    inputs = {d.dataset.name: d for d in got.inputs.dataset_inputs}
+    assert set(inputs) == {"corpus/train", "tokens/train"}
+    assert [t.value for t in inputs["corpus/train"].tags] == ["training"]
+    assert inputs["tokens/train"].dataset.digest
+    assert any(k.startswith("system/cpu_utilization") for k in got.data.metrics), got.data.metrics

@@ -161,6 +161,33 @@ class Run:
         this handle has no method for (a model flavour, the registry)."""
         return self._call(fn, *args, **kwargs)
 
+    def log_dataset(self, dataset, name: str, source: str | os.PathLike, context: str) -> None:
+        """Record that this run read ``dataset`` (a Hugging Face Dataset or a pandas DataFrame):
+        an MLflow dataset input with its name, source path, digest and schema, tagged
+        ``context`` (``training``, ``evaluation``, ...), shown on the run's page."""
+
+        def log(mlflow) -> None:
+            import logging
+            import warnings
+
+            # Schema inference cannot type list columns (token ids): MLflow warns once per
+            # dataset and logs it without a schema, which is all that is lost.
+            quiet = logging.getLogger("mlflow")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if hasattr(dataset, "iloc"):
+                        ds = mlflow.data.from_pandas(dataset, source=str(source), name=name)
+                    else:
+                        ds = mlflow.data.from_huggingface(dataset, path=str(source), name=name)
+                    mlflow.log_input(ds, context=context)
+            finally:
+                quiet.setLevel(level)
+
+        self._call(log)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         """A text artifact written by MLflow itself: for what must not land in an output."""
         self._call("log_text", text, artifact_file)
@@ -208,7 +235,9 @@ def _parent(client, exp_id: str, group: str) -> str:
     return run.info.run_id
 
 
-def _open(stage: str, arm: str | None, tags: Mapping[str, object], run_id: str | None):
+def _open(
+    stage: str, arm: str | None, tags: Mapping[str, object], run_id: str | None, system: bool
+):
     # MLflow's HTTP client retries for minutes by default; a stage should learn within seconds
     # that the server is down and carry on without it. A user's own settings win.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -244,11 +273,13 @@ def _open(stage: str, arm: str | None, tags: Mapping[str, object], run_id: str |
     if run_id is not None:
         try:
             # A resumed stage continues the run its checkpoint names: one curve, not two halves.
-            run = mlflow.start_run(run_id=run_id)
+            run = mlflow.start_run(run_id=run_id, log_system_metrics=system)
             return mlflow, run.info.run_id, parent
         except Exception:  # noqa: BLE001 - that run is gone (another database): start afresh
             pass
-    run = mlflow.start_run(experiment_id=exp_id, run_name=name, tags=all_tags)
+    run = mlflow.start_run(
+        experiment_id=exp_id, run_name=name, tags=all_tags, log_system_metrics=system
+    )
     return mlflow, run.info.run_id, parent
 
 
@@ -261,17 +292,20 @@ def start_run(
     enabled: bool = True,
     run_id: str | None = None,
     runtime: Mapping[str, object] | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[Run]:
     """Open one tagged MLflow run for a stage; yields a :class:`Run` that never raises.
 
     ``runtime`` (kd.core.runtime.record: device, precision, threads, library versions) becomes
     ``runtime.<key>`` tags, beside the same record in the stage's own outputs.
+    ``system_metrics`` samples CPU, memory (and GPU, where there is one) as ``system/*``
+    metrics while the run is open: for the long stages.
     """
     if not enabled:
         yield Run(None, None)
         return
     try:
-        mlflow, run_id, parent = _open(stage, arm, tags or {}, run_id)
+        mlflow, run_id, parent = _open(stage, arm, tags or {}, run_id, system_metrics)
     except Exception as err:  # noqa: BLE001
         print(
             f"warning: cannot reach MLflow at {tracking_uri()} ({type(err).__name__}: {err}); "
