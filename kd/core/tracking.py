@@ -94,6 +94,16 @@ def group_key(params_file: str | os.PathLike = "params.yaml") -> str:
     return f"workspace-{git_revision()[:8]}-{params_hash(params_file)}"
 
 
+def execution_tags(group: str | None = None) -> dict[str, str]:
+    """What identifies this pipeline execution, on every run and model version it makes: its
+    group key, its DVC experiment and its git revision."""
+    return {
+        "kd.group": group or group_key(),
+        "kd.dvc_exp": os.environ.get("DVC_EXP_NAME", "workspace"),
+        "mlflow.source.git.commit": git_revision(),
+    }
+
+
 def flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
     """{'train': {'lr': 1}} -> {'train.lr': 1}: MLflow params are flat strings."""
     out: dict[str, object] = {}
@@ -226,10 +236,8 @@ def _parent(client, exp_id: str, group: str) -> str:
         run_name=group,
         tags={
             ROLE: PIPELINE,
-            "kd.group": group,
-            "kd.dvc_exp": os.environ.get("DVC_EXP_NAME", "workspace"),
+            **execution_tags(group),
             "kd.params_sha256": params_hash(),
-            "mlflow.source.git.commit": git_revision(),
         },
     )
     return run.info.run_id
@@ -264,9 +272,7 @@ def _open(
         ROLE: STAGE,
         "mlflow.parentRunId": parent,
         "kd.stage": stage,
-        "kd.group": group,
-        "kd.dvc_exp": os.environ.get("DVC_EXP_NAME", "workspace"),
-        "mlflow.source.git.commit": git_revision(),
+        **execution_tags(group),
         **({"kd.arm": arm} if arm else {}),
         **{k: str(v) for k, v in tags.items()},
     }

@@ -67,6 +67,23 @@ def resolve_model(source: str, key: str = "model path") -> str:
     return source
 
 
+def hub_dataset(key: str, name: str, config: str | None, split: str, offline: str, **kwargs):
+    """``datasets.load_dataset(name, config, split=split)``; a name, config or split that cannot
+    be opened (or no network) is one paragraph naming ``key``, with ``offline`` as the way out."""
+    from datasets import load_dataset
+
+    from kd.core.cli import first_line
+
+    try:
+        return load_dataset(name, config, split=split, **kwargs)
+    except Exception as err:  # noqa: BLE001 - datasets raises many kinds for a name it cannot open
+        raise SystemExit(
+            f"{key}: cannot open '{name}' (config {config!r}, split {split!r}): "
+            f"{type(err).__name__}: {first_line(err)}. Check the name, config and split on the "
+            f"hub and the network; offline, {offline}"
+        ) from None
+
+
 def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 

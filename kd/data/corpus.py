@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kd.core.cli import first_line
 from kd.core.params import Corpus
-from kd.data.assets import wiki_offline_file
+from kd.data.assets import hub_dataset, wiki_offline_file
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -124,17 +123,8 @@ def clean(docs: Iterable[Document], min_chars: int) -> Iterator[Document]:
 def _hf_pool(cfg: Corpus, seed: int) -> list[Document]:
     # A hub corpus is streamed: shuffle within a buffer, then read only what the sample needs
     # (with headroom for documents that normalisation drops).
-    from datasets import load_dataset
-
-    try:
-        stream = load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=True)
-    except Exception as err:  # noqa: BLE001 - datasets raises many kinds for a name it cannot open
-        raise SystemExit(
-            f"corpus.hf_name: cannot open '{cfg.hf_name}' (config {cfg.hf_config!r}, split "
-            f"{cfg.hf_split!r}): {type(err).__name__}: {first_line(err)}. Check the name, "
-            "config and split on the hub and the network; offline, use corpus.source: "
-            "wiki_offline or text"
-        ) from None
+    stream = hub_dataset("corpus.hf_name", cfg.hf_name, cfg.hf_config, cfg.hf_split,
+                         "use corpus.source: wiki_offline or text", streaming=True)
     stream = stream.shuffle(seed=seed, buffer_size=10_000)
     pool, words = [], 0
     for i, record in enumerate(stream):

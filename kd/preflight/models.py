@@ -14,7 +14,7 @@ from transformers import AutoConfig, BertConfig
 
 from kd.core.cli import first_line
 from kd.core.params import Params
-from kd.data.assets import resolve_model
+from kd.data.assets import load_tokenizer, resolve_model
 from kd.distill.distiller import check_compatible
 
 # The files a saved model's weights live in (a sharded save has an index beside its shards).
@@ -42,10 +42,8 @@ def config(source: str, key: str):
 
 
 def tokenizer(source: str, key: str):
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(resolve_model(source))
+        return load_tokenizer(source)
     except (OSError, ValueError, TypeError) as err:
         raise SystemExit(
             f"{key}: cannot load a tokenizer from '{source}' ({first_line(err)}): {HINT}"

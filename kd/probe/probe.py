@@ -24,10 +24,9 @@ import torch
 from torch import nn
 
 from kd.core import optim
-from kd.core.cli import first_line
 from kd.core.params import Probe
 from kd.core.runtime import autocast, use_training_attention
-from kd.data.assets import bbc_offline_dir
+from kd.data.assets import bbc_offline_dir, hub_dataset
 
 
 @dataclass(frozen=True)
@@ -81,17 +80,10 @@ def read_folder(folder: Path, key: str = "probe.folder") -> Labelled:
 def read_hf(cfg: Probe) -> Labelled:
     """``cfg.hf_splits`` of a Hugging Face dataset, concatenated; a ClassLabel column keeps its
     names, any other label values are sorted into classes."""
-    from datasets import ClassLabel, concatenate_datasets, load_dataset
+    from datasets import ClassLabel, concatenate_datasets
 
-    try:
-        parts = [load_dataset(cfg.hf_name, cfg.hf_config, split=split) for split in cfg.hf_splits]
-    except Exception as err:  # noqa: BLE001 - datasets raises many kinds for a name it cannot open
-        raise SystemExit(
-            f"probe.hf_name: cannot open '{cfg.hf_name}' (config {cfg.hf_config!r}, splits "
-            f"{cfg.hf_splits}): {type(err).__name__}: {first_line(err)}. Check the name, config "
-            "and splits on the hub and the network; offline, use probe.source: bbc_offline or "
-            "folder"
-        ) from None
+    parts = [hub_dataset("probe.hf_name", cfg.hf_name, cfg.hf_config, split,
+                         "use probe.source: bbc_offline or folder") for split in cfg.hf_splits]
     ds = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     for key, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
         if column not in ds.column_names:

@@ -11,7 +11,6 @@ experiment's student.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from kd.core import tracking
@@ -57,9 +56,4 @@ def _register(mlflow, model_dir: Path, head: dict, tags: dict[str, str]) -> str:
 def register(run: tracking.Run, model_dir: Path, head: dict) -> str | None:
     """Log and register ``model_dir`` in ``run``; the version, or None when tracking is off or
     failed (said once on stderr, like every tracking failure)."""
-    tags = {
-        "kd.group": tracking.group_key(),
-        "kd.dvc_exp": os.environ.get("DVC_EXP_NAME", "workspace"),
-        "kd.git_commit": tracking.git_revision(),
-    }
-    return run.call(_register, model_dir, head, tags)
+    return run.call(_register, model_dir, head, tracking.execution_tags())
