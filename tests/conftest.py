@@ -365,3 +365,27 @@ def tiny_pipeline(tmp_path_factory, tiny_teacher_dir) -> TinyPipeline:
     del repo.env[PARAMS_TRACE_ENV]
     repo.commit("dvc repro")
     return TinyPipeline(repo, pristine, out, seconds, traces)
+
+
+@dataclass
+class TinyExperiment:
+    """A clone of the tiny pipeline after one ``dvc exp run -S loss.scheme=logit``.
+
+    Two pipeline executions in its ``mlflow.db``: the tiny ``dvc repro`` and this experiment
+    (which reruns the report, and what only notes the scheme). ``baseline`` holds the clone's
+    ``data/metrics`` JSON files before the experiment, by file name; ``out`` what DVC printed."""
+
+    repo: GitDvcRepo
+    out: str
+    baseline: dict[str, dict]
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(tiny_pipeline, tmp_path_factory) -> TinyExperiment:
+    repo = tiny_pipeline.clone(
+        tiny_pipeline.repo.path, tmp_path_factory.mktemp("tiny_exp") / "repo"
+    )
+    metrics = repo.path / "data" / "metrics"
+    baseline = {p.name: json.loads(p.read_text()) for p in metrics.glob("*.json")}
+    out = repo.run("dvc", "exp", "run", "-S", "loss.scheme=logit", timeout=900)
+    return TinyExperiment(repo, out, baseline)

@@ -23,8 +23,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from kd.core.io import read_json
-from kd.core.tracking import EXPERIMENT, PIPELINE_RUNS, STAGE_RUNS
-from kd.report import registry, seeds
+from kd.core.tracking import EXPERIMENT, STAGE_RUNS
+from kd.report import seeds
 
 pytestmark = pytest.mark.slow
 
@@ -181,13 +181,11 @@ def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline) -> None:
 
 
 @pytest.mark.long
-def test_scheme_only_experiment_reruns_only_report(tiny_pipeline, twin, tmp_path) -> None:
+def test_scheme_only_experiment_reruns_only_report(twin, tiny_experiment) -> None:
     # (twin: started here, the first `long` test, so its repro overlaps with the next ones)
-    repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
-    baseline = read_json(repo.path / "data" / "metrics" / "eval.json")
-    compared = read_json(repo.path / "data" / "metrics" / "comparison.json")
-
-    out = repo.run("dvc", "exp", "run", "-S", "loss.scheme=logit")
+    repo, out = tiny_experiment.repo, tiny_experiment.out
+    baseline = tiny_experiment.baseline["eval.json"]
+    compared = tiny_experiment.baseline["comparison.json"]
     print(out)  # what DVC printed, for the record (pytest -s)
     assert "Running stage 'report'" in out, out
     assert "Running stage 'train@" not in out and "Running stage 'evaluate@" not in out, out
@@ -206,22 +204,7 @@ def test_scheme_only_experiment_reruns_only_report(tiny_pipeline, twin, tmp_path
         repo, "logit"
     )
 
-    # MLflow: one parent run per pipeline execution (the tiny `dvc repro`, this experiment), each
-    # holding the stage runs it ran.
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo.path / 'mlflow.db'}")
-    exp_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    parents = client.search_runs([exp_id], PIPELINE_RUNS)
-    assert len(parents) == 2, [p.info.run_name for p in parents]
-    (ours,) = [p for p in parents if p.data.tags["kd.dvc_exp"] != "workspace"]
-    children = client.search_runs(
-        [exp_id], f"{STAGE_RUNS} AND tags.`mlflow.parentRunId` = '{ours.info.run_id}'")
-    assert "report" in {c.info.run_name for c in children}
-    # The model registry: one version per execution, the alias on the experiment's.
-    versions = client.search_model_versions(f"name = '{registry.NAME}'")
-    assert sorted(v.tags["kd.dvc_exp"] == "workspace" for v in versions) == [False, True]
-    latest = client.get_model_version_by_alias(registry.NAME, registry.ALIAS)
-    assert latest.tags["kd.scheme"] == "logit" and latest.tags["kd.dvc_exp"] != "workspace"
-
+    # What MLflow holds after this experiment: tests/test_mlflow_server.py, through a server.
     rows = {r.label: r.metrics for r in seeds.parse_rows(seeds.exp_show(repo.path)) if r.metrics}
     schemes = {name: r.get("scheme") for name, r in rows.items()}
     assert "workspace" in rows and len(rows) >= 3, schemes  # workspace, baseline, experiment
