@@ -49,6 +49,13 @@ def load(source: str = DEFAULT, dtype: torch.dtype = torch.float32):
 def convert(source: str, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Load ``source`` once and save it as a transformers folder at ``out`` (atomically)."""
     model, tokenizer = load(source, dtype)
+    if getattr(model, "hf_quantizer", None) is not None:
+        # Read from GGUF, the weights are already de-quantised to ``dtype``; only the loader's
+        # marker remains, and it makes save_pretrained refuse. Save the plain model.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
