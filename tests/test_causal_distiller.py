@@ -1,0 +1,125 @@
+"""The causal distillation forward (kd.causal.distiller): the logit arm and the multi arm's terms,
+read with hooks, against the naive path (full logits, output_hidden_states, output_attentions)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny import tiny_llama
+
+from kd.causal import divergences as D
+from kd.causal.distiller import Projections, Scheme, causal_attention_kl, terms
+from kd.causal.students import from_teacher_layers
+
+MULTI = Scheme(logit=1.0, hidden=1.0, attention=1.0, embedding=1.0, chunk_size=7)
+LAYER_MAP = [1, 4]  # student blocks 1, 2 imitate teacher blocks 1 and 4 (its own origins)
+
+
+def _eager(model):
+    model.set_attn_implementation("eager")
+    return model
+
+
+def _pair():
+    teacher = _eager(tiny_llama(layers=4, seed=0))
+    student = _eager(from_teacher_layers(teacher, [0, 3]))
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(4))
+    return teacher, student, ids
+
+
+def test_causal_attention_kl_by_hand() -> None:
+    # One head, two positions: row 0 attends only to itself in both (KL 0); row 1: teacher
+    # (1/2, 1/2), student (1/4, 3/4). The mean over the two rows.
+    teacher = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])
+    student = torch.tensor([[[[1.0, 0.0], [0.25, 0.75]]]])
+    expected = (0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)) / 2
+    assert causal_attention_kl(student, teacher).item() == pytest.approx(expected, abs=1e-7)
+    with pytest.raises(ValueError, match="head counts"):
+        causal_attention_kl(student, teacher.expand(1, 2, 2, 2))
+
+
+def test_logit_term_is_the_naive_loss_with_the_same_gradients() -> None:
+    teacher, student, ids = _pair()
+    scheme = Scheme(divergence="jsd", temperature=2.0, chunk_size=5)
+    got = terms(student, teacher, ids, scheme)
+    got["total"].backward()
+    chunked_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    with torch.no_grad():
+        t_logits = teacher(ids).logits[:, :-1].flatten(0, 1)
+    s_logits = student(ids).logits[:, :-1].flatten(0, 1)
+    naive = D.next_token_loss(s_logits, t_logits, D.divergence("jsd"), temperature=2.0)
+    naive.backward()
+    assert set(got) == {"logit", "total"}
+    assert torch.allclose(got["logit"], naive, atol=1e-6)
+    for a, p in zip(chunked_grads, student.parameters(), strict=True):
+        assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+def test_the_cache_replaces_the_online_teacher_for_the_logit_term() -> None:
+    teacher, student, ids = _pair()
+    with torch.no_grad():
+        support = D.top_k(teacher(ids).logits[:, :-1].flatten(0, 1), 64)  # k = V
+    online = terms(student, teacher, ids, Scheme())["logit"]
+    cached = terms(student, None, ids, Scheme(), cache=support)["logit"]
+    assert torch.allclose(cached, online, atol=1e-6)
+
+
+def test_representation_terms_match_the_naive_path() -> None:
+    teacher, student, ids = _pair()
+    proj = Projections(16, 16, 1 + len(LAYER_MAP))
+    got = terms(student, teacher, ids, MULTI, LAYER_MAP, proj)
+    # The student was cut from these teacher blocks with identity projections: its embedding
+    # and its first block equal the teacher's; its second block runs on a different input.
+    assert got["embedding"].item() == 0.0
+    s = student(ids, output_hidden_states=True, output_attentions=True)
+    t = teacher(ids, output_hidden_states=True, output_attentions=True)
+    # hidden_states[i] is block i's input: block i's output (i < last) is hidden_states[i + 1].
+    first = torch.nn.functional.mse_loss(s.hidden_states[1], t.hidden_states[1])
+    assert first.item() == 0.0
+    attn = torch.stack([causal_attention_kl(s.attentions[0], t.attentions[0]),
+                        causal_attention_kl(s.attentions[1], t.attentions[3])]).mean()  # fmt: skip
+    assert torch.allclose(got["attention"], attn, atol=1e-6) and got["attention"] > 0
+    assert got["hidden"] > 0
+    weights = {"logit": 1.0, "hidden": 1.0, "attention": 1.0, "embedding": 1.0}
+    assert torch.allclose(got["total"], sum(weights[k] * got[k] for k in weights))
+
+
+def test_an_uncut_student_has_nothing_to_learn() -> None:
+    teacher = _eager(tiny_llama(layers=4, seed=0))
+    student = _eager(from_teacher_layers(teacher, [0, 1, 2, 3]))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
+    got = terms(student, teacher, ids, MULTI, [1, 2, 3, 4], Projections(16, 16, 5))
+    for name in ("logit", "hidden", "attention", "embedding"):
+        assert got[name].item() == pytest.approx(0.0, abs=1e-6), name
+
+
+def test_the_multi_arm_trains() -> None:
+    teacher, student, ids = _pair()
+    proj = Projections(16, 16, 3)
+    opt = torch.optim.AdamW([*student.parameters(), *proj.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        out = terms(student, teacher, ids, MULTI, LAYER_MAP, proj)
+        out["total"].backward()
+        opt.step()
+        losses.append(out["total"].item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(p.grad is not None for p in proj.parameters())
+
+
+def test_missing_pieces_are_named() -> None:
+    teacher, student, ids = _pair()
+    with pytest.raises(ValueError, match="layer map and projections"):
+        terms(student, teacher, ids, MULTI)
+    with pytest.raises(ValueError, match="teacher or its cache"):
+        terms(student, None, ids, Scheme())
+    sdpa = tiny_llama(layers=4, seed=0)
+    sdpa.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="eager"):
+        terms(
+            from_teacher_layers(sdpa, [0, 3]), sdpa, ids, MULTI, LAYER_MAP, Projections(16, 16, 3)
+        )
