@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny import tiny_llama
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from tiny import tiny_llama, word_tokenizer
 
 from kd.bench import topk_error
 from kd.causal import teacher
@@ -18,10 +16,7 @@ WORDS = "the a cat dog sat ran on under mat rug and then it was".split()
 
 @pytest.fixture
 def teacher_dir(tmp_path):
-    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    fast = word_tokenizer(WORDS)
     model = tiny_llama(layers=4, vocab=64, seed=3)
     model.config.eos_token_id = fast.eos_token_id
     folder = tmp_path / "teacher"

@@ -34,6 +34,19 @@ def tiny_llama(layers: int = 4, vocab: int = 64, seed: int = 0, tie: bool = True
     return LlamaForCausalLM(config).eval()
 
 
+def word_tokenizer(words: list[str], eos: bool = True):
+    """A word-level fast tokenizer over ``words`` (ids 2…), with <unk> = 0 and </s> = 1 (the EOS
+    token unless ``eos`` is False)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "</s>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = {"eos_token": "</s>"} if eos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **special)
+
+
 def mlm_loss_and_grads(model, ids, mask) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One masked-LM forward/backward with the ids as labels: (loss, every parameter's grad)."""
     model.zero_grad()

@@ -1,0 +1,53 @@
+"""Token blocks for causal LMs: documents joined with EOS and cut into full blocks.
+
+No masking and no [CLS]/[SEP] framing: a causal LM learns every next token. Each document's
+tokens (checked equal under the teacher's and the student's tokenizers, as for the MLM family:
+``kd.data.tokens.tokenize_both``) are followed by the EOS token and concatenated in order; the
+stream is cut into blocks of ``block`` tokens and the last, partial block is dropped, so every
+block is full and its attention mask is all ones (what the teacher cache's row alignment and
+the packed fast paths rely on).
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+
+from kd.data.corpus import Document
+from kd.data.tokens import tokenize_both
+
+
+def pack(ids: list[list[int]], block: int, eos_id: int) -> dict[str, list[list[int]]]:
+    """``input_ids`` and ``attention_mask`` of the full blocks of the EOS-joined documents."""
+    if block < 2:
+        raise ValueError(f"a causal block needs at least 2 tokens, got {block}")
+    stream = [tok for doc in ids for tok in (*doc, eos_id)]
+    n = len(stream) // block
+    blocks = [stream[i * block : (i + 1) * block] for i in range(n)]
+    return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks]}
+
+
+def build_split(docs: list[Document], teacher_tok, student_tok, block: int) -> Dataset:
+    """One split's blocks; refuses tokenizers that disagree, or have no EOS token."""
+    eos = teacher_tok.eos_token_id
+    if eos is None or eos != student_tok.eos_token_id:
+        raise SystemExit(
+            f"causal packing joins documents with the EOS token: the teacher's tokenizer has "
+            f"{eos!r}, the student's {student_tok.eos_token_id!r}; give both the same tokenizer"
+        )
+    ds = tokenize_both(docs, teacher_tok, student_tok)
+    packed = pack(ds["ids"], block, eos)
+    if not packed["input_ids"]:
+        raise SystemExit(f"the split holds fewer than {block} tokens: no full block to train on")
+    return Dataset.from_dict(packed)
+
+
+def vocabulary_problem(tokenizer, config) -> str | None:
+    """Why ``tokenizer`` cannot feed a model with ``config``, or None. A model's vocabulary may
+    be padded beyond the tokenizer's (to a multiple of 64 or 128, for the matmul kernels); the
+    reverse would index past the embedding table."""
+    if len(tokenizer) > config.vocab_size:
+        return (
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding table only "
+            f"{config.vocab_size} (vocab_size): use the model's own tokenizer"
+        )
+    return None
