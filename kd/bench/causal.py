@@ -1,0 +1,192 @@
+"""Benchmark of the causal distillation step: the naive way against this project's, as ratios.
+
+``python -m kd.bench.causal`` times full training steps (forward, backward, AdamW) of a causal
+student distilled from a causal teacher, on SmolLM2-135M's shapes (30 layers, hidden 576, 9
+heads over 3 key/value heads, vocabulary 49,152; random weights: speed does not depend on
+them) with a student of 15 of its layers, for both arms:
+
+- ``naive``: what a plain implementation does — the teacher and the student with
+  ``output_hidden_states`` and (multi arm) eager ``output_attentions``, full-vocabulary float32
+  logits at every position, then the losses on those;
+- ``project``: ``kd.causal.distiller.terms`` — forward hooks, the chunked logit loss;
+- ``project+cache`` (logit arm): the same with the teacher's top-k support precomputed (what
+  the cache stage stores), so no teacher runs in the step.
+
+Per row: seconds per step (after a warm-up step), tokens/s, peak resident memory added by the
+row (VmHWM reset per row), model FLOPs per step counted from the shapes, and MFU against a
+matmul peak measured in the same run. Every row of an arm must agree on the loss terms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from kd.bench.bench import PeakRSS, matmul_peak, time_steps
+from kd.causal import divergences as D
+from kd.causal.distiller import Projections, Scheme, causal_attention_kl, terms
+from kd.causal.students import from_teacher_layers, uniform_layers
+
+# SmolLM2-135M (its config.json); the offline default teacher of the causal family.
+SMOLLM2_135M = dict(
+    vocab_size=49_152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+    rope_theta=100_000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+)  # fmt: skip
+SCHEMES = {
+    "logit": Scheme(),
+    "multi": Scheme(logit=1.0, hidden=1.0, attention=1.0, embedding=1.0),
+}
+
+
+def forward_flops(config, tokens: int, seq_len: int) -> int:
+    """Matmul FLOPs of one forward over ``tokens`` tokens in blocks of ``seq_len``: per layer
+    the q/k/v/o projections (k and v at the key/value width), the gated MLP's three matrices,
+    and QKᵀ and AV over the causal half; then the LM head."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = h // config.num_attention_heads * config.num_key_value_heads
+    per_token = layers * (2 * h * h + 2 * h * kv + 3 * h * i + seq_len * h) + h * config.vocab_size
+    return 2 * tokens * per_token
+
+
+def naive_terms(student, teacher, ids, scheme: Scheme, layer_map, proj) -> dict:
+    """The same terms the plain way: every hidden state, every attention map, full logits."""
+    want_attn = scheme.attention > 0
+    reps = scheme.needs_representations()
+    s = student(ids, output_hidden_states=reps, output_attentions=want_attn)
+    with torch.no_grad():
+        t = teacher(ids, output_hidden_states=reps, output_attentions=want_attn)
+    div = D.divergence(scheme.divergence)
+    s_logits, t_logits = (
+        s.logits[:, :-1].flatten(0, 1).float(),
+        t.logits[:, :-1].flatten(0, 1).float(),
+    )
+    out = {"logit": D.next_token_loss(s_logits, t_logits, div, scheme.temperature)}
+    if reps:
+        mse = torch.nn.functional.mse_loss
+        out["embedding"] = mse(proj(0, s.hidden_states[0]), t.hidden_states[0])
+        # hidden_states[k] is block k − 1's output, except the last, which HF gives after the
+        # final norm (the hooks read the raw output): the hidden terms differ there, the logit
+        # and attention terms agree.
+        pairs = [
+            mse(proj(i + 1, s.hidden_states[i + 1]), t.hidden_states[j])
+            for i, j in enumerate(layer_map)
+        ]
+        out["hidden"] = torch.stack(pairs).mean()
+        out["attention"] = torch.stack(
+            [
+                causal_attention_kl(s.attentions[i], t.attentions[j - 1])
+                for i, j in enumerate(layer_map)
+            ]
+        ).mean()
+    out["total"] = sum(getattr(scheme, k) * v for k, v in out.items())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m kd.bench.causal", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--student-layers", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"],
+                    help="teacher layers (30: SmolLM2-135M; fewer for a quick run)")  # fmt: skip
+    ap.add_argument("--k", type=int, default=64, help="top-k of the cached rows (64)")
+    ap.add_argument("--out", default="data/bench/causal.json")
+    args = ap.parse_args(argv)
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": args.layers})
+    config._attn_implementation = "eager"  # the multi arm's attention maps need it, both ways
+    teacher = LlamaForCausalLM(config).to(device).eval()
+    layers = uniform_layers(args.layers, args.student_layers)
+    layer_map = [j + 1 for j in layers]  # student block i + 1 came from teacher block j + 1
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), generator=g).to(device)
+        for _ in range(2)
+    ]
+    tokens = args.batch_size * args.seq_len
+    peak = matmul_peak(2048, torch.float32, 3, device)
+    fwd_t = forward_flops(config, tokens, args.seq_len)
+    s_config = LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": len(layers)})
+    fwd_s = forward_flops(s_config, tokens, args.seq_len)
+    print(
+        f"matmul peak {peak:.0f} GFLOP/s; teacher {args.layers} layers, student {layers}",
+        flush=True,
+    )
+
+    rows = []
+    for arm, scheme in SCHEMES.items():
+        ways = ["naive", "project"] + (["project+cache"] if arm == "logit" else [])
+        for way in ways:
+            torch.manual_seed(2)
+            student = from_teacher_layers(teacher, layers).train()
+            proj = Projections(config.hidden_size, config.hidden_size, 1 + len(layers)).to(device)
+            opt = torch.optim.AdamW([*student.parameters(), *proj.parameters()], lr=1e-5)
+            supports = {}
+            if way == "project+cache":
+                with torch.no_grad():
+                    for b in batches:
+                        logits = teacher(b).logits[:, :-1].flatten(0, 1)
+                        supports[b.data_ptr()] = D.top_k(logits, args.k)
+            seen = {}
+
+            def step(batch, way=way, student=student, proj=proj, opt=opt, supports=supports,
+                     scheme=scheme, seen=seen):  # fmt: skip
+                opt.zero_grad(set_to_none=True)
+                if way == "naive":
+                    out = naive_terms(student, teacher, batch, scheme, layer_map, proj)
+                else:
+                    cache = supports.get(batch.data_ptr())
+                    out = terms(student, None if cache is not None else teacher, batch, scheme,
+                                layer_map, proj, cache=cache)  # fmt: skip
+                out["total"].backward()
+                opt.step()
+                seen.setdefault(batch.data_ptr(), {k: float(v) for k, v in out.items()})
+
+            with PeakRSS() as mem:
+                times = time_steps(step, batches, args.warmup, args.steps, device)
+            sec = sorted(times)[len(times) // 2]
+            flops = 3 * fwd_s + (0 if way == "project+cache" else fwd_t)
+            rows.append({
+                "arm": arm, "way": way, "step_s": sec, "tokens_per_s": tokens / sec,
+                "peak_added_mib": mem.added_mib, "model_gflop": flops / 1e9,
+                "mfu": flops / sec / 1e9 / peak, "first_batch_terms": seen[batches[0].data_ptr()],
+            })  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+            del student, proj, opt, supports
+
+    table = ["| arm | way | step | tokens/s | × naive | peak added | MFU | logit term (batch 1) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        base = next(x for x in rows if x["arm"] == r["arm"] and x["way"] == "naive")
+        table.append(
+            f"| {r['arm']} | {r['way']} | {r['step_s']:.2f} s | {r['tokens_per_s']:.0f} | "
+            f"{base['step_s'] / r['step_s']:.2f}× | {r['peak_added_mib']:.0f} MiB | "
+            f"{100 * r['mfu']:.1f} % | {r['first_batch_terms']['logit']:.5f} |"
+        )
+    result = {
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "matmul_peak_gflops": peak, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "teacher_layers": args.layers, "student_layers": layers, "k": args.k, "rows": rows,
+        "table": table, "when": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("\n".join(table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
