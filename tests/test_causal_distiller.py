@@ -11,7 +11,7 @@ from tiny import tiny_llama
 
 from kd.causal import divergences as D
 from kd.causal.distiller import Projections, Scheme, causal_attention_kl, terms
-from kd.causal.students import from_teacher_layers
+from kd.causal.students import from_config, from_teacher_layers
 
 MULTI = Scheme(logit=1.0, hidden=1.0, attention=1.0, embedding=1.0, chunk_size=7)
 LAYER_MAP = [1, 4]  # student blocks 1, 2 imitate teacher blocks 1 and 4 (its own origins)
@@ -123,3 +123,18 @@ def test_missing_pieces_are_named() -> None:
         terms(
             from_teacher_layers(sdpa, [0, 3]), sdpa, ids, MULTI, LAYER_MAP, Projections(16, 16, 3)
         )
+
+
+def test_a_narrower_student_distils_through_projections() -> None:
+    teacher = _eager(tiny_llama(layers=4, seed=0))
+    shape = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=16)  # fmt: skip
+    student = _eager(from_config(teacher, 3, **shape))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(6))
+    proj = Projections(8, 16, 3)
+    out = terms(student, teacher, ids, MULTI, LAYER_MAP, proj)
+    out["total"].backward()
+    assert all(
+        torch.isfinite(out[k]) and out[k] > 0 for k in ("logit", "hidden", "attention", "embedding")
+    )
+    assert proj.maps[0].weight.grad.shape == (16, 8)

@@ -11,7 +11,7 @@ from tiny import tiny_llama
 from torch import nn
 
 from kd.causal import metrics, onpolicy
-from kd.causal.students import blocks_path, from_teacher_layers, uniform_layers
+from kd.causal.students import blocks_path, from_config, from_teacher_layers, uniform_layers
 
 
 def test_uniform_layers_keep_the_ends_and_spread_the_rest() -> None:
@@ -119,7 +119,9 @@ def test_no_fraction_changes_nothing() -> None:
 
 def test_greedy_continuations_with_the_kv_cache_equal_a_step_by_step_rollout() -> None:
     student, ids = tiny_llama(layers=2, seed=1), _blocks()
-    mixed, rows = onpolicy.mix_in_student_text(student, ids, 0.5, prompt_len=4, seed=0, temperature=0)
+    mixed, rows = onpolicy.mix_in_student_text(
+        student, ids, 0.5, prompt_len=4, seed=0, temperature=0
+    )
     assert len(rows) == 2
     untouched = [r for r in range(4) if r not in rows.tolist()]
     assert torch.equal(mixed[untouched], ids[untouched])
@@ -155,3 +157,15 @@ def test_bad_on_policy_settings_are_refused() -> None:
         onpolicy.mix_in_student_text(tiny_llama(), _blocks(), 1.5, prompt_len=4, seed=0)
     with pytest.raises(ValueError, match="prompt_len"):
         onpolicy.mix_in_student_text(tiny_llama(), _blocks(), 0.5, prompt_len=10, seed=0)
+
+
+def test_a_narrower_random_student_keeps_the_vocabulary_and_is_seeded() -> None:
+    teacher = tiny_llama(layers=4)
+    shape = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=16)  # fmt: skip
+    a, b = from_config(teacher, 0, **shape), from_config(teacher, 0, **shape)
+    assert a.config.vocab_size == teacher.config.vocab_size and a.config.hidden_size == 8
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    assert not torch.equal(a.lm_head.weight, from_config(teacher, 1, **shape).lm_head.weight)
+    with pytest.raises(ValueError, match="no field"):
+        from_config(teacher, 0, hidden_sise=8)

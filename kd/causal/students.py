@@ -70,3 +70,26 @@ def from_teacher_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
         renamed[key] = value
     student.load_state_dict(renamed, strict=True)
     return student.eval() if not teacher.training else student.train()
+
+
+def from_config(teacher: nn.Module, seed: int, **shape) -> nn.Module:
+    """A randomly initialised student of the teacher's class and vocabulary with ``shape``
+    overriding its config (``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``,
+    ``num_key_value_heads``, ``intermediate_size`` …): the multi arm's projections then map its
+    width to the teacher's. Unknown config keys are refused, not silently added."""
+    import torch
+
+    config = copy.deepcopy(teacher.config)
+    unknown = sorted(k for k in shape if not hasattr(config, k))
+    if unknown:
+        raise ValueError(f"{type(config).__name__} has no field(s) {', '.join(unknown)}")
+    for key, value in shape.items():
+        setattr(config, key, value)
+    if "num_hidden_layers" in shape and isinstance(
+        getattr(config, "layer_types", None), list | tuple
+    ):
+        config.layer_types = config.layer_types[: shape["num_hidden_layers"]]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        student = type(teacher)(config)
+    return student.to(next(teacher.parameters()).dtype)
