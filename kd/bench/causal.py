@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                                 layer_map, proj, cache=cache)  # fmt: skip
                 out["total"].backward()
                 opt.step()
-                seen.setdefault(batch.data_ptr(), {k: float(v) for k, v in out.items()})
+                seen.setdefault(batch.data_ptr(), {k: float(v.detach()) for k, v in out.items()})
 
             with PeakRSS() as mem:
                 times = time_steps(step, batches, args.warmup, args.steps, device)
