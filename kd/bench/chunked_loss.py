@@ -30,19 +30,11 @@ from pathlib import Path
 HIDDEN, VOCAB = 576, 49_152  # SmolLM2-135M
 
 
-def _rss_kib(field: str) -> int:
-    return _rss_kib_of("/proc/self/status", field)
-
-
 def _available_gib() -> float:
-    return _rss_kib_of("/proc/meminfo", "MemAvailable") / 2**20
-
-
-def _rss_kib_of(path: str, field: str) -> int:
-    for line in Path(path).read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in {path}")
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError("MemAvailable not in /proc/meminfo")
 
 
 def _one(way: str, n: int, divergence: str, chunk: int, device: str, limit_gib: float) -> dict:
@@ -55,6 +47,7 @@ def _one(way: str, n: int, divergence: str, chunk: int, device: str, limit_gib: 
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     import torch
 
+    from kd.bench.bench import PeakRSS
     from kd.causal import divergences as D
     from kd.causal.chunked import TeacherHead, chunked_next_token_loss
 
@@ -84,20 +77,18 @@ def _one(way: str, n: int, divergence: str, chunk: int, device: str, limit_gib: 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        base = _rss_kib("VmRSS") * 1024
-    start = time.perf_counter()
-    value = step()
-    if dev.type == "cuda":
+        start = time.perf_counter()
+        value = step()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+        seconds = time.perf_counter() - start
+        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = _rss_kib("VmHWM") * 1024
-    return {
-        "way": way, "tokens": n, "seconds": time.perf_counter() - start,
-        "peak_mib": (peak - base) / 2**20, "loss": value,
-    }  # fmt: skip
+        with PeakRSS() as mem:  # VmHWM reset to VmRSS on entry, read on exit
+            start = time.perf_counter()
+            value = step()
+            seconds = time.perf_counter() - start
+        peak_mib = mem.added_mib
+    return {"way": way, "tokens": n, "seconds": seconds, "peak_mib": peak_mib, "loss": value}
 
 
 def main(argv: list[str] | None = None) -> int:

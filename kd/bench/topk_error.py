@@ -22,21 +22,23 @@ import torch
 from kd.causal import divergences as D
 from kd.causal.students import from_teacher_layers, uniform_layers
 from kd.causal.teacher import load
+from kd.causal.tokens import pack
 from kd.data.corpus import read_split
 
 
 def blocks(tokenizer, texts: list[str], length: int, count: int) -> torch.Tensor:
-    """The texts joined with EOS between documents, cut into ``count`` blocks of ``length``."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
+    """The first ``count`` full blocks of ``length`` tokens of the texts joined with EOS
+    (``kd.causal.tokens.pack``), tokenizing only as many texts as that needs."""
+    docs, total = [], 0
     for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
-        if len(ids) >= length * count:
+        docs.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        total += len(docs[-1]) + 1
+        if total >= length * count:
             break
-    n = min(count, len(ids) // length)
-    if n == 0:
+    packed = pack(docs, length, tokenizer.eos_token_id)["input_ids"][:count]
+    if not packed:
         raise SystemExit(f"the corpus holds fewer than {length} tokens")
-    return torch.tensor(ids[: n * length]).view(n, length)
+    return torch.tensor(packed)
 
 
 @torch.no_grad()
