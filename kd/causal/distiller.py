@@ -66,6 +66,8 @@ class Scheme:
     attention: float = 0.0
     embedding: float = 0.0
     divergence: str = "forward_kl"
+    beta: float = 0.5  # jsd's mixture weight
+    alpha: float = 0.1  # the skew KLs' skew
     temperature: float = 1.0
     chunk_size: int = 256
 
@@ -163,9 +165,10 @@ def terms(
             t_last[:, :-1].flatten(0, 1), teacher.get_output_embeddings().weight,
             teacher.get_output_embeddings().bias,
         )  # fmt: skip
+        div = divergence(scheme.divergence, beta=scheme.beta, alpha=scheme.alpha)
         out["logit"] = chunked_next_token_loss(
-            hidden, head.weight, target, divergence(scheme.divergence), scheme.temperature,
-            bias=head.bias, chunk_size=scheme.chunk_size,
+            hidden, head.weight, target, div, scheme.temperature, bias=head.bias,
+            chunk_size=scheme.chunk_size,
         )  # fmt: skip
     if scheme.embedding > 0:
         out["embedding"] = hidden_mse(projections(0, s["embedding"]), t["embedding"], None)

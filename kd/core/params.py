@@ -110,6 +110,7 @@ class Paths(Strict):
     report: Path = Path("data/report")
     distilled: Path = Path("data/distilled")
     quantize: Path = Path("data/quantize")
+    causal: Path = Path("data/causal")
 
 
 class Corpus(Strict):
@@ -380,6 +381,126 @@ class Quantize(Strict):
     probe: bool = True  # also the linear probe (probe: section) of fp32 and int8
 
 
+# --- The causal-LM family (model.family: causal; the causal_* stages, kd/causal) --------------
+
+CAUSAL_TERMS = ("logit", "hidden", "attention", "embedding")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv", "skew_forward_kl", "skew_reverse_kl")
+
+
+class Model(Strict):
+    family: Literal["mlm", "causal"] = "mlm"
+
+
+class CausalStudent(Strict):
+    """The causal student: a subset of the teacher's blocks (``layers``), or a random model of
+    the teacher's class with some config fields changed (``config``)."""
+
+    layers: PositiveInt | list[PositiveInt] | None = 15
+    config: dict[str, PositiveInt] | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> CausalStudent:
+        if (self.layers is None) == (self.config is None):
+            raise ValueError(
+                "set exactly one of causal.student.layers (the teacher's blocks it keeps) and "
+                "causal.student.config (a random student of the teacher's class): set the "
+                "other to null"
+            )
+        if isinstance(self.layers, list) and self.layers != sorted(set(self.layers)):
+            raise ValueError(
+                f"causal.student.layers {self.layers} must be increasing 1-based teacher "
+                "block numbers, each once"
+            )
+        return self
+
+
+class CausalScheme(Strict):
+    """A causal arm: weights of the four terms and the logit term's divergence."""
+
+    terms: dict[str, Annotated[float, Field(ge=0)]]
+    divergence: Literal[DIVERGENCES] = "forward_kl"  # type: ignore[valid-type]
+    beta: Annotated[float, Field(gt=0, lt=1)] = 0.5  # jsd's mixture weight (GKD)
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.1  # the skew KLs' skew (DistiLLM)
+    temperature: PositiveFloat = 1.0
+    layer_map: Literal["auto"] | list[PositiveInt] = "auto"
+
+    @field_validator("terms")
+    @classmethod
+    def _known_terms(cls, terms: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(terms) - set(CAUSAL_TERMS))
+        if unknown:
+            raise ValueError(
+                f"unknown causal loss term(s) {unknown}: the causal terms are {list(CAUSAL_TERMS)}"
+            )
+        if not any(w > 0 for w in terms.values()):
+            raise ValueError("every term weight is 0: give at least one term a positive weight")
+        return terms
+
+    @property
+    def uses_intermediate(self) -> bool:
+        return any(self.terms.get(t, 0) > 0 for t in CAUSAL_TERMS[1:])
+
+
+class CausalTrain(Strict):
+    batch_size: PositiveInt = 4
+    max_steps: PositiveInt = 60
+    lr: PositiveFloat = 1e-4
+    warmup_steps: NonNegInt = 6
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: PositiveFloat = 1.0
+    log_every: PositiveInt = 5
+    checkpoint_every: PositiveInt = 20
+    onpolicy: Annotated[float, Field(ge=0, le=1)] = 0.0  # GKD's λ: share of rows the student writes
+    onpolicy_prompt: Annotated[int, Field(ge=1)] = 32  # tokens of a row kept as its prompt
+    onpolicy_temperature: Annotated[float, Field(ge=0)] = 1.0  # 0 = greedy
+
+
+class CausalEvaluate(Strict):
+    batch_size: PositiveInt = 4
+    prompts: list[str] = Field(min_length=1)
+    max_new_tokens: PositiveInt = 24
+
+
+class Causal(Strict):
+    teacher: str = "default"
+    block_size: Annotated[int, Field(ge=8, le=4096)] = 128
+    train_blocks: PositiveInt | None = 256  # the first blocks of the train split; null = all
+    test_blocks: PositiveInt | None = 32
+    top_k: NonNegInt = 64  # the teacher cache's k; 0 = no cache, the logit term runs the teacher
+    student: CausalStudent = CausalStudent()
+    train: CausalTrain = CausalTrain()
+    arms: list[str] = Field(default_factory=lambda: ["logit", "multi"], min_length=1)
+    schemes: dict[str, CausalScheme]
+    evaluate: CausalEvaluate
+
+    @model_validator(mode="after")
+    def _check(self) -> Causal:
+        for arm in self.arms:
+            if arm not in self.schemes:
+                raise ValueError(
+                    f"causal.arms names '{arm}', which is not a scheme: define it under "
+                    f"causal.schemes or use one of {sorted(self.schemes)}"
+                )
+        if len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"causal.arms lists an arm twice: {self.arms}")
+        t = self.train
+        if t.onpolicy and t.onpolicy_prompt >= self.block_size:
+            raise ValueError(
+                f"causal.train.onpolicy_prompt={t.onpolicy_prompt} leaves the student nothing "
+                f"to write in blocks of causal.block_size={self.block_size}: use a shorter prompt"
+            )
+        if self.top_k:
+            hot = [a for a in self.arms if self.schemes[a].terms.get("logit", 0) > 0
+                   and self.schemes[a].temperature != 1.0]
+            if hot:
+                raise ValueError(
+                    f"causal arm(s) {hot} soften the logits (temperature != 1), but the teacher "
+                    f"cache holds its distribution at T = 1: set their temperature to 1.0, or "
+                    f"causal.top_k: 0 to run the teacher at every step"
+                )
+        return self
+
+
 class Params(Strict):
     base: Base = Base()
     paths: Paths = Paths()
@@ -392,6 +513,8 @@ class Params(Strict):
     evaluate: Evaluate = Evaluate()
     probe: Probe = Probe()
     quantize: Quantize = Quantize()
+    model: Model = Model()
+    causal: Causal | None = None
 
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
@@ -409,6 +532,11 @@ class Params(Strict):
                 f"train.micro_batch_size={t.micro_batch_size} does not divide the {share} rows "
                 f"each of base.nproc={b.nproc} process(es) gets per step (train.batch_size="
                 f"{t.batch_size}): pick one of {divisors}, or null for no accumulation"
+            )
+        if self.model.family == "causal" and self.causal is None:
+            raise ValueError(
+                "model.family is 'causal' but params.yaml has no `causal` section: copy it "
+                "from the repository's params.yaml"
             )
         latency = self.quantize.latency_seq_length
         if latency is not None and latency > self.tokenize.max_seq_length:

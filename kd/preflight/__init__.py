@@ -12,7 +12,8 @@ any other stage runs, cheapest first:
   tokenizer is the model's, sequences fit the positions, each trained scheme's layer map and
   head counts fit the teacher and the student;
 - the inputs (inputs.py): the corpus sample sample_corpus will take, enough text for one
-  training step, and the probe's labelled set.
+  training step, and the probe's labelled set;
+- with model.family: causal, the causal teacher and student (causal.py).
 
 It writes a marker with constant content that every stage depends on, so a bad input stops the
 pipeline with nothing deleted, while a good change reruns only the stages that use it.
@@ -21,10 +22,11 @@ pipeline with nothing deleted, while a good change reruns only the stages that u
 from __future__ import annotations
 
 from kd.core.params import Params
-from kd.preflight import host, inputs, models
+from kd.preflight import causal, host, inputs, models
 
 
 def check(p: Params) -> None:
     host.check(p)
     models.check(p)
     inputs.check(p)
+    causal.check(p)

