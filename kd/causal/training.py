@@ -190,7 +190,7 @@ def train(
                 with autocast(device, precision):
                     out = distiller(ids, teacher, target)
                 out["total"].backward()
-                values = {f"loss/{k}": float(v) for k, v in out.items()}
+                values = {f"loss/{k}": float(v.detach()) for k, v in out.items()}
                 if not all(math.isfinite(v) for v in values.values()):
                     raise NonFiniteLoss(
                         f"the loss became non-finite at step {step}; the weights were not "
