@@ -1,6 +1,7 @@
 """causal_evaluate@<arm> / causal_evaluate_init: a causal student (or the initial one, with the
 teacher beside it) on the held-out blocks — perplexities, KL(teacher ‖ student) at T = 1 per batch,
-top-1 agreement — and its greedy continuations of the fixed prompts."""
+top-1 agreement — its greedy continuations of the fixed prompts, and the downstream linear probe
+(the MLM family's: kd/probe, on mean-pooled final hidden states; no fine-tune)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,24 @@ from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kd.causal import outputs
+from kd.causal.distiller import base_model
 from kd.causal.evaluate import continuations, score
 from kd.core import cli, runtime, tracking
 from kd.core.io import write_json
 from kd.core.params import load_params
+from kd.probe import probe
+
+
+def linear_probe(p, model, tokenizer, device) -> float | None:
+    """Held-out accuracy of the probe section's linear probe on ``model``'s mean-pooled final
+    hidden states, on at most causal.probe_examples texts (stratified); None when that is 0."""
+    if not p.causal.probe_examples:
+        return None
+    cfg = p.probe.model_copy(update={"max_examples": p.causal.probe_examples})
+    data, train_rows, test_rows = probe.load_split(cfg)
+    ids = probe.tokenize(tokenizer, data.texts, cfg.max_seq_length)
+    return probe.linear_accuracy(base_model(model), ids, probe.pad_token_id(tokenizer),
+                                 data.labels, train_rows, test_rows, cfg, device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,6 +65,12 @@ def main(argv: list[str] | None = None) -> None:
                 run.log_metrics({f"test/{k}": v for k, v in row.items() if k != "batch"},
                                 step=row["batch"])
             run.log_metrics({f"summary/{k}": v for k, v in summary.items()})
+            probed = {name: student, **({"teacher": teacher} if args.init else {})}
+            for model_name, model in probed.items():
+                acc = linear_probe(p, model, tok, device)
+                if acc is not None:
+                    run.log_metrics({f"probe/{model_name}_linear_acc": acc})
+                    summary[f"probe_linear_acc{'' if model_name == name else '_' + model_name}"] = acc
             write_json(tmp / "eval.json", summary)
             pd.DataFrame(rows).to_csv(tmp / "test.csv", index=False)
             write_json(tmp / "continuations.json", {"prompts": cfg.prompts, "text": texts})

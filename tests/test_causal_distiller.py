@@ -138,3 +138,34 @@ def test_a_narrower_student_distils_through_projections() -> None:
         torch.isfinite(out[k]) and out[k] > 0 for k in ("logit", "hidden", "attention", "embedding")
     )
     assert proj.maps[0].weight.grad.shape == (16, 8)
+
+
+def test_relative_mse_golden_value_and_scale_free() -> None:
+    from kd.causal.distiller import relative_mse
+
+    s = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    t = torch.tensor([[[1.0, 1.0], [2.0, 0.0]]])
+    # Σ||s − t||² = 0 + 1 + 4 = 5; Σ||t||² = 1 + 1 + 4 = 6.
+    assert relative_mse(s, t).item() == pytest.approx(5 / 6)
+    assert relative_mse(100 * s, 100 * t).item() == pytest.approx(5 / 6)
+    assert relative_mse(t, t).item() == 0.0
+    assert relative_mse(torch.zeros_like(t), t).item() == pytest.approx(1.0)
+
+
+def test_the_plain_mse_option_is_tinybert_s_and_differs_from_the_default() -> None:
+    from kd.distill.losses import hidden_mse
+
+    teacher, student, ids = _pair()
+    proj = Projections(16, 16, 3)
+    plain = Scheme(logit=0.0, hidden=1.0, representation_loss="mse")
+    got = terms(student, teacher, ids, plain, LAYER_MAP, proj)["hidden"]
+    from kd.causal.distiller import representations
+
+    with torch.no_grad(), representations(student, False) as s, representations(teacher, False) as t:
+        student.model(input_ids=ids)
+        teacher.model(input_ids=ids)
+    want = torch.stack([hidden_mse(s["blocks"][i], t["blocks"][j - 1], None)
+                        for i, j in enumerate(LAYER_MAP)]).mean()  # fmt: skip
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    rel = terms(student, teacher, ids, Scheme(logit=0.0, hidden=1.0), LAYER_MAP, proj)["hidden"]
+    assert rel.item() != pytest.approx(got.item())

@@ -173,7 +173,7 @@ def test_pairs_come_from_the_schemes_terms_or_the_arm_name():
 
 
 def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(seeds, "comparison_at", lambda row, root: row.metrics)
+    monkeypatch.setattr(seeds, "comparison_at", lambda row, root, family=None: row.metrics)
     out = tmp_path / "seeds"
     result = seeds.main(["--json", str(FIXTURE), "--out", str(out), "--no-mlflow"])
     saved = json.loads((out / "seeds.json").read_text())
@@ -257,3 +257,41 @@ def test_each_experiment_is_read_from_its_own_commit(git_dvc_repo) -> None:
     assert by_seed[("seed-one", 1)].metrics["test/logit_kl_t1"] == 3.0
     selected = seeds.select(rows)
     assert [r.seed for r in selected.rows] == [0, 1]
+
+
+# --- the causal family -------------------------------------------------------------------------
+
+
+def causal_row(rev, seed, kl, grad, family="causal", **params) -> Row:
+    """A row whose data/metrics/causal.json holds the given held-out KL and gradient norms."""
+    p = {"base.seed": seed, "model.family": family, "causal.schemes.logit.terms.logit": 1.0,
+         "causal.schemes.multi.terms.logit": 1.0, "causal.schemes.multi.terms.hidden": 1.0,
+         "causal.arms": ["logit", "multi"], **params}  # fmt: skip
+    content = {"teacher": {"perplexity": 19.0},
+               "student_init": {"kl_t1": 11.0, "perplexity": 9e5},
+               "logit": {"kl_t1": kl[0], "mean_grad_norm": grad[0], "train_logit_loss": kl[0]},
+               "multi": {"kl_t1": kl[1], "mean_grad_norm": grad[1], "train_logit_loss": kl[1]}}
+    flat = seeds.CAUSAL.flat(content)
+    return Row(rev, None if rev == "workspace" else rev, None, None, None, p, content, flat)
+
+
+def test_the_causal_family_pairs_the_causal_arms_over_seeds() -> None:
+    rows = [
+        causal_row("workspace", 0, (9, 9), (1, 1), family="mlm"),  # the MLM workspace: the reference
+        causal_row("s0", 0, (8.0, 8.5), (1.0, 3.0)),
+        causal_row("s1", 1, (8.1, 8.7), (1.1, 3.2)),
+        causal_row("s2", 2, (7.9, 8.4), (0.9, 2.9)),
+        causal_row("x", 3, (1, 1), (1, 1), **{"causal.top_k": 0}),  # another experiment
+    ]
+    sel = seeds.select(rows, family=seeds.CAUSAL)
+    assert [r.label for r in sel.rows] == ["s0", "s1", "s2"]
+    assert any("model.family='mlm'" in n for n in sel.notes)
+    assert any("causal.top_k" in n for n in sel.notes)
+    result = seeds.aggregate(sel, family=seeds.CAUSAL)
+    assert list(result["arms"]) == ["logit", "multi"]  # neither the teacher nor the floor
+    pair = result["pairs"]["multi_vs_logit"]
+    assert pair["metrics"]["kl_t1"]["mean"] == pytest.approx(0.5333, abs=1e-4)
+    assert pair["claims"]["kl_t1"]["verdict"] == seeds.REVERSED
+    assert pair["claims"]["mean_grad_norm"]["verdict"] == seeds.HOLDS
+    assert "# The causal experiment over 3 seeds" in seeds.markdown(result)
+    assert "-S model.family=causal" in seeds.CAUSAL.queue_hint

@@ -3,7 +3,9 @@
 The seed's multi arm, for decoder-only models: besides the next-token logit loss, the student's
 embedding output, its blocks' outputs and their (causal) attention maps imitate the teacher's at
 the mapped layers, through linear projections from the student's width to the teacher's
-(TinyBERT's terms, Jiao et al. 2020; the attention term as MiniLM's KL, Wang et al. 2020). The
+(TinyBERT's terms, Jiao et al. 2020; the attention term as MiniLM's KL, Wang et al. 2020).
+The embedding and hidden terms are TinyBERT's MSE divided by the teacher's mean square by
+default (:func:`relative_mse`: a decoder's residual stream is not layer-normed), or plain. The
 representations are read with forward hooks on the models' own modules — the embedding, each
 block, each block's attention — never with ``output_hidden_states``/``output_attentions``, which
 would keep every layer's tensors alive. The attention maps come from the eager kernel (the fused
@@ -57,6 +59,31 @@ def causal_attention_kl(student: Tensor, teacher: Tensor) -> Tensor:
     return torch.where(causal, t * (log_t - log_s), 0.0).sum(-1).mean()
 
 
+def relative_mse(student: Tensor, teacher: Tensor) -> Tensor:
+    """TinyBERT's hidden-state MSE (Jiao et al. 2020) divided by the teacher's mean square:
+
+        L = Σ_{b,l} ||s_bl − t_bl||² / Σ_{b,l} ||t_bl||²
+
+    TinyBERT's MSE compares BERT's layer-normed states, of unit scale at every layer. A pre-norm
+    decoder (Llama, Qwen, SmolLM) compares its residual stream, whose scale grows with depth
+    (in SmolLM2-135M, from ~0.1 at the embedding to hundreds in the last blocks), so the plain
+    MSE of the late layers outweighs everything else, the logit term included. Divided by the
+    teacher's own mean square, every layer's term is scale-free: 0 is a match and 1 is as far
+    as predicting zeros.
+
+    Args:
+        student: [B, L, D], already projected to the teacher's width.
+        teacher: [B, L, D].
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher states differ in shape: {tuple(student.shape)} vs "
+            f"{tuple(teacher.shape)}; project the student first"
+        )
+    t = teacher.float()
+    return (student.float() - t).square().sum() / t.square().sum().clamp_min(1e-12)
+
+
 @dataclass(frozen=True)
 class Scheme:
     """The weights of the four terms (0 leaves a term out), and the logit term's settings."""
@@ -70,6 +97,7 @@ class Scheme:
     alpha: float = 0.1  # the skew KLs' skew
     temperature: float = 1.0
     chunk_size: int = 256
+    representation_loss: str = "relative_mse"  # "relative_mse" | "mse" (TinyBERT's, unscaled)
 
     def needs_representations(self) -> bool:
         return any(getattr(self, t) > 0 for t in TERMS[1:])
@@ -121,7 +149,7 @@ def representations(model: nn.Module, attention: bool) -> Iterator[dict[str, Any
             h.remove()
 
 
-def _base(model: nn.Module) -> nn.Module:
+def base_model(model: nn.Module) -> nn.Module:
     """The decoder without its LM head (``model.model`` for Llama-likes)."""
     return model.get_submodule(blocks_path(model).rsplit(".", 1)[0])
 
@@ -150,12 +178,12 @@ def terms(
     if teacher is None and cache is None:
         raise ValueError("the logit term needs the teacher or its cache")
     with representations(student, scheme.attention > 0) as s:
-        s_last = _base(student)(input_ids=input_ids).last_hidden_state
+        s_last = base_model(student)(input_ids=input_ids).last_hidden_state
     t: dict[str, Any] = {}
     t_last = None
     if reps or cache is None:
         with torch.no_grad(), representations(teacher, scheme.attention > 0) as t:
-            t_last = _base(teacher)(input_ids=input_ids).last_hidden_state
+            t_last = base_model(teacher)(input_ids=input_ids).last_hidden_state
 
     out: dict[str, Tensor] = {}
     head = student.get_output_embeddings()
@@ -170,14 +198,18 @@ def terms(
             hidden, head.weight, target, div, scheme.temperature, bias=head.bias,
             chunk_size=scheme.chunk_size,
         )  # fmt: skip
+    if scheme.representation_loss not in ("relative_mse", "mse"):
+        raise ValueError(f"unknown representation loss {scheme.representation_loss!r}")
+    rep_loss = relative_mse if scheme.representation_loss == "relative_mse" else (
+        lambda a, b: hidden_mse(a, b, None))  # fmt: skip
     if scheme.embedding > 0:
-        out["embedding"] = hidden_mse(projections(0, s["embedding"]), t["embedding"], None)
+        out["embedding"] = rep_loss(projections(0, s["embedding"]), t["embedding"])
     if scheme.hidden > 0:
         pairs = [
             (projections(i + 1, s["blocks"][i]), t["blocks"][j - 1])
             for i, j in enumerate(layer_map)
         ]
-        out["hidden"] = torch.stack([hidden_mse(a, b, None) for a, b in pairs]).mean()
+        out["hidden"] = torch.stack([rep_loss(a, b) for a, b in pairs]).mean()
     if scheme.attention > 0:
         pairs = [(s["attention"][i], t["attention"][j - 1]) for i, j in enumerate(layer_map)]
         if any(a is None for pair in pairs for a in pair):

@@ -84,7 +84,7 @@ class CausalDistiller(nn.Module):
             logit=w.get("logit", 0.0), hidden=w.get("hidden", 0.0),
             attention=w.get("attention", 0.0), embedding=w.get("embedding", 0.0),
             divergence=scheme.divergence, beta=scheme.beta, alpha=scheme.alpha,
-            temperature=scheme.temperature,
+            temperature=scheme.temperature, representation_loss=scheme.representation_loss,
         )  # fmt: skip
         self.terms = [t for t in ("logit", "hidden", "attention", "embedding")
                       if getattr(self.scheme, t) > 0]  # fmt: skip

@@ -423,6 +423,8 @@ class CausalScheme(Strict):
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.1  # the skew KLs' skew (DistiLLM)
     temperature: PositiveFloat = 1.0
     layer_map: Literal["auto"] | list[PositiveInt] = "auto"
+    # The embedding and hidden terms: TinyBERT's MSE over the teacher's mean square, or plain
+    representation_loss: Literal["relative_mse", "mse"] = "relative_mse"
 
     @field_validator("terms")
     @classmethod
@@ -467,6 +469,7 @@ class Causal(Strict):
     train_blocks: PositiveInt | None = 256  # the first blocks of the train split; null = all
     test_blocks: PositiveInt | None = 32
     top_k: NonNegInt = 64  # the teacher cache's k; 0 = no cache, the logit term runs the teacher
+    probe_examples: Annotated[int, Field(ge=0)] = 500  # texts of the probe section's set; 0 = no probe
     student: CausalStudent = CausalStudent()
     train: CausalTrain = CausalTrain()
     arms: list[str] = Field(default_factory=lambda: ["logit", "multi"], min_length=1)
@@ -483,6 +486,11 @@ class Causal(Strict):
                 )
         if len(set(self.arms)) != len(self.arms):
             raise ValueError(f"causal.arms lists an arm twice: {self.arms}")
+        if 0 < self.probe_examples < 4:
+            raise ValueError(
+                f"causal.probe_examples={self.probe_examples} cannot be split into train and "
+                "test texts per class: use at least 4 (500 by default), or 0 for no probe"
+            )
         t = self.train
         if t.onpolicy and t.onpolicy_prompt >= self.block_size:
             raise ValueError(

@@ -35,8 +35,11 @@ def metrics(evals: Mapping[str, Mapping], trains: Mapping[str, Mapping]) -> dict
     """data/metrics/causal.json: the headline numbers, by model."""
     floor = next(iter(evals.values()))
     out: dict = {TEACHER: {"perplexity": floor["teacher_perplexity"]}}
+    if "probe_linear_acc_teacher" in floor:
+        out[TEACHER]["probe_linear_acc"] = floor["probe_linear_acc_teacher"]
     for name, e in evals.items():
-        out[name] = {k: e[k] for k in ("perplexity", "kl_t1", "top1_agreement")}
+        out[name] = {k: e[k] for k in ("perplexity", "kl_t1", "top1_agreement", "probe_linear_acc")
+                     if k in e}  # fmt: skip
         if name in trains:
             t = trains[name]
             norms = list(layer_norms(t).values())
@@ -86,9 +89,11 @@ def markdown(info: Mapping, evals: Mapping[str, Mapping], trains: Mapping[str, M
         "",
     ]
     floor = next(iter(evals.values()))
-    rows = [[TEACHER, floor["teacher_perplexity"], "–", "–"]]
-    rows += [[n, e["perplexity"], e["kl_t1"], e["top1_agreement"]] for n, e in evals.items()]
-    lines += _table(["model", "perplexity", "KL(teacher ‖ model), T = 1", "top-1 agreement"], rows)
+    rows = [[TEACHER, floor["teacher_perplexity"], "–", "–", floor.get("probe_linear_acc_teacher")]]
+    rows += [[n, e["perplexity"], e["kl_t1"], e["top1_agreement"], e.get("probe_linear_acc")]
+             for n, e in evals.items()]  # fmt: skip
+    lines += _table(["model", "perplexity", "KL(teacher ‖ model), T = 1", "top-1 agreement",
+                     "linear probe"], rows)
     lines += ["## Training", ""]
     layers = sorted({k for t in trains.values() for k in layer_norms(t)},
                     key=lambda k: int(k.rsplit("_", 1)[1]))  # fmt: skip

@@ -70,6 +70,45 @@ QUEUE_HINT = "dvc exp run --queue -S 'base.seed=1,2' && dvc queue start"
 HOLDS, REVERSED, UNCLEAR = "holds", "reversed", "not distinguishable"
 
 
+@dataclass(frozen=True)
+class Family:
+    """Where a model family's per-run numbers are and which claims are judged (``--family``)."""
+
+    name: str
+    metrics_file: str  # the headline metrics file a finished row has, under paths.metrics
+    comparison_file: str  # the per-arm numbers of a row's commit
+    arms_key: str  # the params key listing the arms
+    schemes_key: str  # the params key holding each arm's scheme
+    headline: tuple[str, ...]
+    claims: tuple[tuple[str, bool, str], ...]
+    fixed: tuple[tuple[str, object], ...] = ()  # params every kept row has (model.family)
+
+    def flat(self, content: Mapping) -> dict:
+        """The comparison file as ``arms/<arm>/<key>`` values (the MLM report's own form)."""
+        if self.name == "mlm":
+            return dict(content)
+        # causal.json: {model: {key: value}}; the arms only (not the teacher or the floor).
+        return {f"arms/{m}/{k}": v for m, d in content.items() if isinstance(d, Mapping)
+                for k, v in d.items() if m not in ("teacher", "student_init")}  # fmt: skip
+
+    @property
+    def queue_hint(self) -> str:
+        extra = "".join(f"-S {k}={v} " for k, v in self.fixed)
+        return f"dvc exp run --queue {extra}-S 'base.seed=1,2' && dvc queue start"
+
+
+MLM = Family("mlm", "eval.json", COMPARISON, "loss.arms", "loss.schemes", HEADLINE, CLAIMS)
+CAUSAL = Family(
+    "causal", "causal.json", "causal.json", "causal.arms", "causal.schemes",
+    ("kl_t1", "perplexity", "top1_agreement", "train_logit_loss", "mean_grad_norm"),
+    (("train_logit_loss", True, "lower train logit loss"),
+     ("kl_t1", True, "lower test logit loss (KL at T = 1)"),
+     ("mean_grad_norm", False, "higher average gradient norm")),
+    fixed=(("model.family", "causal"),),
+)  # fmt: skip
+FAMILIES = {f.name: f for f in (MLM, CAUSAL)}
+
+
 # --- rows of `dvc exp show --json` -----------------------------------------------------------
 
 
@@ -95,11 +134,13 @@ class Row:
         return self.params.get(SEED_KEY)
 
 
-def _row(node: Mapping, state: str | None) -> Row:
+def _row(node: Mapping, state: str | None, family: Family = MLM) -> Row:
     data = node.get("data") or {}
     params = flatten(((data.get("params") or {}).get("params.yaml") or {}).get("data") or {})
-    path = f"{params.get('paths.metrics', METRICS_DIR)}/eval.json"
+    path = f"{params.get('paths.metrics', METRICS_DIR)}/{family.metrics_file}"
     metrics = ((data.get("metrics") or {}).get(path) or {}).get("data") or None
+    if metrics is not None and not any(_number(v) is not None for v in flatten(metrics).values()):
+        metrics = None  # a note (the causal family's file under model.family: mlm), no numbers
     error = node.get("error") or data.get("error")
     if isinstance(error, Mapping):
         error = error.get("msg") or str(error)
@@ -114,7 +155,7 @@ def _row(node: Mapping, state: str | None) -> Row:
     )
 
 
-def parse_rows(tree) -> list[Row]:
+def parse_rows(tree, family: Family | None = None) -> list[Row]:
     """Every row of a ``dvc exp show --json`` tree, in its order.
 
     A row is any object with ``rev`` and ``data``; its experiments sit in
@@ -131,7 +172,7 @@ def parse_rows(tree) -> list[Row]:
             if isinstance(executor, Mapping):
                 state = executor.get("state")
             if "rev" in node and "data" in node:
-                rows.append(_row(node, state))
+                rows.append(_row(node, state, family or MLM))
             for key in ("experiments", "revs"):
                 walk(node.get(key), state)
 
@@ -151,22 +192,26 @@ def exp_show(cwd: Path | None = None) -> list:
     return json.loads(out.stdout)
 
 
-def comparison_at(row: Row, root: Path) -> dict | None:
-    """The report's comparison.json as ``row``'s commit holds it (the workspace's: on disk)."""
-    rel = f"{row.params.get('paths.metrics', METRICS_DIR)}/{COMPARISON}"
+def comparison_at(row: Row, root: Path, family: Family | None = None) -> dict | None:
+    """The report's comparison.json (the family's) as ``row``'s commit holds it (the
+    workspace's: on disk), as ``arms/<arm>/<key>`` values."""
+    family = family or MLM
+    rel = f"{row.params.get('paths.metrics', METRICS_DIR)}/{family.comparison_file}"
     if row.rev == "workspace":
         path = root / rel
-        return json.loads(path.read_text()) if path.exists() else None
+        return family.flat(json.loads(path.read_text())) if path.exists() else None
     out = subprocess.run(
         ["git", "show", f"{row.rev}:{rel}"], cwd=root, capture_output=True, text=True
     )
-    return json.loads(out.stdout) if out.returncode == 0 else None
+    return family.flat(json.loads(out.stdout)) if out.returncode == 0 else None
 
 
-def with_comparisons(rows: Sequence[Row], root: Path | None = None) -> list[Row]:
-    """``rows`` with each finished one's comparison.json filled in."""
+def with_comparisons(rows: Sequence[Row], root: Path | None = None,
+                     family: Family | None = None) -> list[Row]:  # fmt: skip
+    """``rows`` with each finished one's comparison filled in."""
     root = root or repo_root()
-    return [replace(r, comparison=comparison_at(r, root)) if r.metrics else r for r in rows]
+    return [replace(r, comparison=comparison_at(r, root, family)) if r.metrics else r
+            for r in rows]  # fmt: skip
 
 
 # --- which rows count ------------------------------------------------------------------------
@@ -184,15 +229,16 @@ def _differs(params: Mapping, reference: Mapping) -> list[str]:
     return sorted(k for k in keys if params.get(k, "<absent>") != reference.get(k, "<absent>"))
 
 
-def _skip_reason(row: Row, reference: Row) -> str | None:
+def _skip_reason(row: Row, reference: Row, family: Family | None = None) -> str | None:
+    family = family or MLM
     if row.error:
         return f"failed ({row.error})"
     if row.state in ("queued", "running", "failed"):
         return row.state
     if not row.metrics:
-        return "no eval.json in its metrics (not run?)"
+        return f"no {family.metrics_file} in its metrics (not run?)"
     if not row.comparison:
-        return (f"its commit holds no {METRICS_DIR}/{COMPARISON} (run before the results were "
+        return (f"its commit holds no {METRICS_DIR}/{family.comparison_file} (run before the results were "
                 "committed to git?)")
     if row.seed is None:
         return f"no {SEED_KEY} in its params"
@@ -207,15 +253,19 @@ def _skip_reason(row: Row, reference: Row) -> str | None:
     return None
 
 
-def select(rows: Sequence[Row], min_seeds: int = 2) -> Selection:
-    """The rows that repeat the workspace's experiment, one per seed (module docstring)."""
+def select(rows: Sequence[Row], min_seeds: int = 2, family: Family | None = None) -> Selection:
+    """The rows that repeat the workspace's experiment, one per seed (module docstring); for
+    the causal family, the workspace's params with ``model.family: causal``."""
+    family = family or MLM
     if not rows:
         raise SystemExit("`dvc exp show --json` listed no rows: is this a DVC repository?")
     reference = next((r for r in rows if r.rev == "workspace"), rows[0])
+    if family.fixed:
+        reference = replace(reference, params={**reference.params, **dict(family.fixed)})
     notes: list[str] = []
     by_seed: dict[object, list[Row]] = {}
     for row in rows:
-        reason = _skip_reason(row, reference)
+        reason = _skip_reason(row, reference, family)
         if reason:
             notes.append(f"skipped {row.label} (seed {row.seed}): {reason}")
         else:
@@ -237,7 +287,8 @@ def select(rows: Sequence[Row], min_seeds: int = 2) -> Selection:
         listed = "\n".join(f"  {n}" for n in notes) or "  (no other rows)"
         raise SystemExit(
             f"{len(kept)} seed(s) of this experiment found, at least {min_seeds} needed. "
-            f"Queue more with `{QUEUE_HINT}`, then rerun `python -m kd.report.seeds`.\n{listed}"
+            f"Queue more with `{family.queue_hint}`, then rerun `python -m kd.report.seeds"
+            f"{'' if family is MLM else ' --family ' + family.name}`.\n{listed}"
         )
     return Selection(kept, reference, notes)
 
@@ -298,14 +349,14 @@ def verdict(ci_low: float | None, ci_high: float | None, lower: bool) -> str:
 # --- per-arm values and the aggregate ----------------------------------------------------------
 
 
-def arm_names(rows: Sequence[Row], params: Mapping) -> list[str]:
-    """Arms with ``arms/<arm>/...`` keys in any row; loss.arms' order first."""
+def arm_names(rows: Sequence[Row], params: Mapping, family: Family | None = None) -> list[str]:
+    """Arms with ``arms/<arm>/...`` keys in any row; the params' arm order first."""
     found = {k.split("/")[1] for r in rows for k in r.comparison if k.startswith("arms/")}
-    listed = [a for a in params.get("loss.arms") or [] if a in found]
+    listed = [a for a in params.get((family or MLM).arms_key) or [] if a in found]
     return listed + sorted(found - set(listed))
 
 
-def metric_names(rows: Sequence[Row], arm: str) -> list[str]:
+def metric_names(rows: Sequence[Row], arm: str, family: Family | None = None) -> list[str]:
     prefix = f"arms/{arm}/"
     probes = {
         k.removeprefix(prefix)
@@ -313,28 +364,30 @@ def metric_names(rows: Sequence[Row], arm: str) -> list[str]:
         for k in r.comparison
         if k.startswith(prefix + PROBE_PREFIX)
     }
-    return [*HEADLINE, *sorted(probes)]
+    return [*(family or MLM).headline, *sorted(probes)]
 
 
-def logit_only(arm: str, params: Mapping) -> bool:
+def logit_only(arm: str, params: Mapping, family: Family | None = None) -> bool:
     """Is ``logit`` the arm's one non-zero loss term (module docstring)?"""
-    prefix = f"loss.schemes.{arm}.terms."
+    prefix = f"{(family or MLM).schemes_key}.{arm}.terms."
     terms = {k.removeprefix(prefix) for k, w in params.items() if k.startswith(prefix) and w}
     if not terms:
         return arm == "logit"  # the params do not describe it: go by the default arm's name
     return terms == {"logit"}
 
 
-def arm_pairs(arms: Sequence[str], params: Mapping) -> list[tuple[str, str]]:
+def arm_pairs(arms: Sequence[str], params: Mapping, family: Family | None = None
+              ) -> list[tuple[str, str]]:  # fmt: skip
     """(logit-only arm, other arm) for every other arm that is not logit-only."""
-    base = [a for a in arms if logit_only(a, params)]
+    base = [a for a in arms if logit_only(a, params, family)]
     return [(b, o) for b in base for o in arms if o not in base]
 
 
-def aggregate(selection: Selection, level: float = LEVEL) -> dict:
+def aggregate(selection: Selection, level: float = LEVEL, family: Family | None = None) -> dict:
     """Everything seeds.json holds."""
+    family = family or MLM
     rows, params = selection.rows, selection.reference.params
-    arms = arm_names(rows, params)
+    arms = arm_names(rows, params, family)
 
     def values(arm: str, key: str) -> list:
         return [r.comparison.get(f"arms/{arm}/{key}") for r in rows]
@@ -342,12 +395,12 @@ def aggregate(selection: Selection, level: float = LEVEL) -> dict:
     per_arm = {
         arm: {
             key: {**summarize(values(arm, key), level), "values": values(arm, key)}
-            for key in metric_names(rows, arm)
+            for key in metric_names(rows, arm, family)
         }
         for arm in arms
     }
     pairs = {}
-    for base, other in arm_pairs(arms, params):
+    for base, other in arm_pairs(arms, params, family):
         keys = [k for k in per_arm[other] if k in per_arm[base]]
         diffs = {k: paired(values(base, k), values(other, k), level) for k in keys}
         claims = {
@@ -356,7 +409,7 @@ def aggregate(selection: Selection, level: float = LEVEL) -> dict:
                 "lower": lower,
                 "verdict": verdict(diffs[key]["ci_low"], diffs[key]["ci_high"], lower),
             }
-            for key, lower, what in CLAIMS
+            for key, lower, what in family.claims
             if key in diffs
         }
         pairs[f"{other}_vs_{base}"] = {
@@ -368,6 +421,7 @@ def aggregate(selection: Selection, level: float = LEVEL) -> dict:
         }
     n = len(rows)
     return {
+        "family": family.name,
         "level": level,
         "t_factor": float(stats.t.ppf((1 + level) / 2, n - 1)),
         "seeds": [r.seed for r in rows],
@@ -406,7 +460,7 @@ def markdown(result: Mapping) -> str:
     n, t = len(result["seeds"]), result["t_factor"]
     runs = ", ".join(f"{r['label']} (seed {r['seed']})" for r in result["runs"])
     lines = [
-        f"# The experiment over {n} seeds",
+        f"# The {'causal ' if result.get('family') == 'causal' else ''}experiment over {n} seeds",
         "",
         f"Runs: {runs}. Each cell is mean ± the 95% confidence interval's half-width, "
         f"t_{{0.975,{n - 1}}} · sd / √{n} with t = {t:.3f} (Student's t).",
@@ -417,7 +471,7 @@ def markdown(result: Mapping) -> str:
             f"With {n} seeds the interval is {t / math.sqrt(n):.1f} × sd wide on each side: only "
             "a difference that barely moves between seeds can be told apart from 0, so "
             f'"{UNCLEAR}" is often the honest answer. Queue more seeds to narrow it '
-            f"(`{QUEUE_HINT.replace('1,2', '3,4')}`).",
+            f"(`{FAMILIES[result.get('family', 'mlm')].queue_hint.replace('1,2', '3,4')}`).",
             "",
         ]
     for arm, metrics in result["arms"].items():
@@ -477,20 +531,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "--json", type=Path, help="read a saved `dvc exp show --json` instead of running it"
     )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log a `seeds` run")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="mlm",
+                        help="the MLM experiment (default), or the causal one: the workspace's "
+                        "params with model.family: causal (queue its seeds with "
+                        f"`{CAUSAL.queue_hint}`); writes to <out>/<family> for causal")
     args = parser.parse_args(argv)
+    family = FAMILIES[args.family]
+    if family is not MLM and args.out == Path("data/seeds"):
+        args.out = args.out / family.name
 
     tree = json.loads(args.json.read_text()) if args.json else exp_show()
-    selection = select(with_comparisons(parse_rows(tree)))
+    selection = select(with_comparisons(parse_rows(tree, family), family=family), family=family)
     for note in selection.notes:
         print(note)
-    result = aggregate(selection)
+    result = aggregate(selection, family=family)
     text = markdown(result)
     write_json(args.out / "seeds.json", result)
     with atomic_file(args.out / "seeds.md") as f:
         f.write(text)
     print(text)
     with start_run(
-        "seeds",
+        "seeds", arm=None if family is MLM else family.name,
         params={"seeds": result["seeds"], "runs": [r["label"] for r in result["runs"]]},
         enabled=not args.no_mlflow,
     ) as run:
