@@ -41,6 +41,8 @@ def run_stage(p, arm: str, out) -> None:
     # The attention term compares attention maps, which only the eager kernel forms.
     attn = {"attn_implementation": "eager"} if scheme.terms.get("attention", 0) > 0 else {}
     student = AutoModelForCausalLM.from_pretrained(init_dir, **attn)
+    if not attn:  # base.attention: auto is eager on the CPU, whose backward is faster there
+        runtime.use_training_attention(student, p.base.attention, device)
     init = read_json(init_dir / "kd_student.json")
     if weights_hash(student) != init["weights_sha256"]:
         raise SystemExit(f"{init_dir} does not hold the weights causal_student recorded: "
@@ -62,7 +64,7 @@ def run_stage(p, arm: str, out) -> None:
         dir_digest(outputs.folder(p, outputs.CACHE)) if cache is not None else None,
     )
     resume = checkpoint.load(ckpt_dir, fingerprint)
-    rt = runtime.record(device, p.base.precision, "eager" if attn else None)
+    rt = runtime.record(device, p.base.precision, student.config._attn_implementation)
     with tracking.start_run(
         "causal_train", arm=arm, run_id=resume.get("mlflow_run_id") if resume else None,
         params=None if resume else {"scheme": scheme.model_dump(), "train": cfg.model_dump(),

@@ -42,3 +42,18 @@ def test_links_open_the_training_view_on_the_newest_run_of_each_arm(monkeypatch,
 def test_links_without_runs_say_what_to_run(capsys) -> None:
     assert mlflow_ui.main([]) == 1
     assert "dvc repro" in capsys.readouterr().err
+
+
+def test_links_for_the_causal_family_overlay_its_own_arms(capsys) -> None:
+    ids = {}
+    for stage in ("train", "causal_train"):
+        for arm in ("logit", "multi"):
+            with tracking.start_run(stage, arm=arm) as run:
+                run.log_metrics({"loss/logit": 1.0, "grad_norm/layer_0": 0.1}, step=1)
+            ids[stage, arm] = run.run_id
+    assert mlflow_ui.main(["--family", "causal"]) == 0
+    urls = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    _, train_only, loss, _ = urls
+    assert _query(train_only)["searchFilter"] == "tags.`kd.stage` = 'causal_train'"
+    assert json.loads(_query(loss)["runs"]) == [ids["causal_train", "logit"],
+                                                ids["causal_train", "multi"]]

@@ -445,7 +445,7 @@ class CausalScheme(Strict):
 
 class CausalTrain(Strict):
     batch_size: PositiveInt = 4
-    max_steps: PositiveInt = 60
+    max_steps: PositiveInt = 240
     lr: PositiveFloat = 1e-4
     warmup_steps: NonNegInt = 6
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
@@ -466,7 +466,7 @@ class CausalEvaluate(Strict):
 class Causal(Strict):
     teacher: str = "default"
     block_size: Annotated[int, Field(ge=8, le=4096)] = 128
-    train_blocks: PositiveInt | None = 256  # the first blocks of the train split; null = all
+    train_blocks: PositiveInt | None = 960  # the first blocks of the train split; null = all
     test_blocks: PositiveInt | None = 32
     top_k: NonNegInt = 64  # the teacher cache's k; 0 = no cache, the logit term runs the teacher
     probe_examples: Annotated[int, Field(ge=0)] = 500  # texts of the probe section's set; 0 = no probe

@@ -60,12 +60,13 @@ def metric_url(base: str, experiment_id: str, run_ids: list[str], keys: list[str
     return f"{base.rstrip('/')}/#/metric?" + "&".join(f"{k}={v}" for k, v in query.items())
 
 
-def newest_train_runs(client, experiment_id: str) -> dict[str, object]:
-    """The newest finished ``train@<arm>`` run of each arm, by arm."""
+def newest_train_runs(client, experiment_id: str, stage: str = "train") -> dict[str, object]:
+    """The newest finished ``<stage>@<arm>`` run of each arm, by arm (``train``, or
+    ``causal_train`` for the causal family)."""
     found: dict[str, object] = {}
     runs = client.search_runs(
         [experiment_id],
-        "tags.`kd.stage` = 'train' AND attributes.status = 'FINISHED'",
+        f"tags.`kd.stage` = '{stage}' AND attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=200,
     )
@@ -85,16 +86,17 @@ def grad_norm_keys(client, run_id: str) -> list[str]:
     return grad_norm_keys_from(client.get_run(run_id).data.metrics)
 
 
-def links(client, base: str) -> dict[str, str]:
-    """The training view, and the arms' logit-loss and gradient-norm curves overlaid."""
+def links(client, base: str, stage: str = "train") -> dict[str, str]:
+    """The training view, and the arms' logit-loss and gradient-norm curves overlaid (the
+    arms of ``stage``: ``train``, or ``causal_train``)."""
     exp = client.get_experiment_by_name(tracking.EXPERIMENT)
     if exp is None:
         return {}
     out = {
         "runs (one row per dvc repro / dvc exp run)": runs_url(base, exp.experiment_id),
-        "training runs only": runs_url(base, exp.experiment_id, "tags.`kd.stage` = 'train'"),
+        "training runs only": runs_url(base, exp.experiment_id, f"tags.`kd.stage` = '{stage}'"),
     }
-    arms = newest_train_runs(client, exp.experiment_id)
+    arms = newest_train_runs(client, exp.experiment_id, stage)
     if len(arms) >= 2:
         ids = [run.info.run_id for _, run in sorted(arms.items())]
         out["loss/logit, arms overlaid"] = metric_url(base, exp.experiment_id, ids, ["loss/logit"])
@@ -111,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m kd.report.mlflow_ui", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--url", default=DEFAULT_URL, help=f"the MLflow UI's address ({DEFAULT_URL})")
+    ap.add_argument("--family", choices=("mlm", "causal"), default="mlm",
+                    help="whose arms: the MLM family's train@<arm> runs, or causal_train@<arm>")
     args = ap.parse_args(argv)
     import mlflow
 
-    found = links(mlflow.MlflowClient(tracking_uri=tracking.tracking_uri()), args.url)
+    stage = "train" if args.family == "mlm" else "causal_train"
+    found = links(mlflow.MlflowClient(tracking_uri=tracking.tracking_uri()), args.url, stage)
     if not found:
         print(
             f"no '{tracking.EXPERIMENT}' experiment in {tracking.tracking_uri()}: run `dvc repro` first",
