@@ -2,7 +2,8 @@
 on a tiny random Llama teacher (a local folder) and a word-level tokenizer, with DVC.
 
 One `dvc repro causal_report` per module (about a minute); the tests then read what it wrote,
-check the params each stage read against dvc.yaml, and change things as a user would.
+check the params each stage read against dvc.yaml, and (the `long` ones) change things as a user
+would with `dvc exp run`.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def test_every_causal_stage_declares_the_params_it_reads(causal_run) -> None:
     assert "causal.train.lr" in reads["causal_train@multi"]
 
 
+@pytest.mark.long
 def test_a_second_repro_reruns_nothing_and_an_arm_change_reruns_that_arm(causal_run,
                                                                         tmp_path) -> None:
     from conftest import TinyPipeline
@@ -158,6 +160,7 @@ def test_a_second_repro_reruns_nothing_and_an_arm_change_reruns_that_arm(causal_
     assert "causal.json" in shown
 
 
+@pytest.mark.long
 def test_the_mlm_family_leaves_notes_in_seconds(causal_run, tmp_path) -> None:
     from conftest import TinyPipeline
 
