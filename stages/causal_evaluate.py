@@ -21,16 +21,18 @@ from kd.core.params import load_params
 from kd.probe import probe
 
 
-def linear_probe(p, model, tokenizer, device) -> float | None:
-    """Held-out accuracy of the probe section's linear probe on ``model``'s mean-pooled final
-    hidden states, on at most causal.probe_examples texts (stratified); None when that is 0."""
+def linear_probes(p, models: dict, tokenizer, device) -> dict[str, float]:
+    """Held-out accuracy of the probe section's linear probe on each model's mean-pooled final
+    hidden states (the models share ``tokenizer``), on at most causal.probe_examples texts
+    (stratified); none when that is 0. The texts are read and tokenized once."""
     if not p.causal.probe_examples:
-        return None
+        return {}
     cfg = p.probe.model_copy(update={"max_examples": p.causal.probe_examples})
     data, train_rows, test_rows = probe.load_split(cfg)
     ids = probe.tokenize(tokenizer, data.texts, cfg.max_seq_length)
-    return probe.linear_accuracy(base_model(model), ids, probe.pad_token_id(tokenizer),
-                                 data.labels, train_rows, test_rows, cfg, device)
+    return {name: probe.linear_accuracy(base_model(m), ids, probe.pad_token_id(tokenizer),
+                                        data.labels, train_rows, test_rows, cfg, device)
+            for name, m in models.items()}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,11 +68,9 @@ def main(argv: list[str] | None = None) -> None:
                                 step=row["batch"])
             run.log_metrics({f"summary/{k}": v for k, v in summary.items()})
             probed = {name: student, **({"teacher": teacher} if args.init else {})}
-            for model_name, model in probed.items():
-                acc = linear_probe(p, model, tok, device)
-                if acc is not None:
-                    run.log_metrics({f"probe/{model_name}_linear_acc": acc})
-                    summary[f"probe_linear_acc{'' if model_name == name else '_' + model_name}"] = acc
+            for model_name, acc in linear_probes(p, probed, tok, device).items():
+                run.log_metrics({f"probe/{model_name}_linear_acc": acc})
+                summary[f"probe_linear_acc{'' if model_name == name else '_' + model_name}"] = acc
             write_json(tmp / "eval.json", summary)
             pd.DataFrame(rows).to_csv(tmp / "test.csv", index=False)
             write_json(tmp / "continuations.json", {"prompts": cfg.prompts, "text": texts})

@@ -309,6 +309,18 @@ def tiny_params(corpus: Path, teacher: Path, probe_folder: Path) -> dict:
     return raw
 
 
+def project_repo(path: Path) -> GitDvcRepo:
+    """A new git + DVC repository at ``path`` holding a copy of this project (its DAG, params,
+    lock, code and ignore files: the small results are committed as in the real repo)."""
+    path.mkdir()
+    repo = GitDvcRepo(path, repo_env(path))
+    repo.run("git", "init", "-q")
+    repo.run("dvc", "init", "-q")
+    repo.run("dvc", "config", "core.analytics", "false")
+    copy_project(path)
+    return repo
+
+
 @dataclass
 class TinyPipeline:
     """A git + DVC copy of this project whose whole DAG has run once on tiny assets.
@@ -342,14 +354,8 @@ def tiny_pipeline(tmp_path_factory, tiny_teacher_dir) -> TinyPipeline:
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(d.text for d in make_docs(60, seed=2)) + "\n", encoding="utf-8")
 
-    path = root / "repo"
-    path.mkdir()
-    repo = GitDvcRepo(path, repo_env(path))
-    repo.run("git", "init", "-q")
-    repo.run("dvc", "init", "-q")
-    repo.run("dvc", "config", "core.analytics", "false")
-    # With the project's own ignore files, the small results are committed as in the real repo.
-    copy_project(path)
+    repo = project_repo(root / "repo")
+    path = repo.path
     raw = tiny_params(corpus, tiny_teacher_dir, topic_folder(root / "probe_topics", per_class=10))
     (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     repo.commit("tiny pipeline")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import GitDvcRepo, copy_project, make_docs, repo_env, tiny_params
+from conftest import GitDvcRepo, make_docs, project_repo, tiny_params
 from dagcheck import read_traces, stages, undeclared_params
 from tiny import tiny_llama, topic_folder, word_tokenizer
 
@@ -72,13 +72,8 @@ def causal_run(tmp_path_factory, tiny_teacher_dir) -> CausalRun:
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(d.text for d in docs) + "\n", encoding="utf-8")
     teacher = causal_teacher_folder(root / "llama", docs)
-    path = root / "repo"
-    path.mkdir()
-    repo = GitDvcRepo(path, repo_env(path))
-    repo.run("git", "init", "-q")
-    repo.run("dvc", "init", "-q")
-    repo.run("dvc", "config", "core.analytics", "false")
-    copy_project(path)
+    repo = project_repo(root / "repo")
+    path = repo.path
     raw = causal_params(tiny_params(corpus, tiny_teacher_dir, topic_folder(root / "topics", 10)),
                         teacher)  # fmt: skip
     (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))

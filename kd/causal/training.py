@@ -219,16 +219,10 @@ def train(
                 if stop.requested and step < cfg.max_steps:
                     save(step)
                     bar.close()
-                    raise SystemExit(
-                        f"interrupted at step {step}: checkpoint saved in {ckpt_dir}; rerun the "
-                        "stage (`dvc repro`) to resume"
-                    )
+                    raise interrupt.stopped(step, ckpt_dir)
     except KeyboardInterrupt:
         bar.close()
-        raise SystemExit(
-            f"interrupted again during step {step + 1}: nothing saved now; a rerun resumes from "
-            f"the last periodic checkpoint in {ckpt_dir}, or starts over"
-        ) from None
+        raise interrupt.stopped_again(step, ckpt_dir) from None
     bar.close()
     result.summary = {
         "steps": step,

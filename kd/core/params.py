@@ -62,6 +62,17 @@ LOSS_TERMS = (
 INTERMEDIATE_TERMS = tuple(t for t in LOSS_TERMS if t != "logit")
 
 
+def _check_terms(terms: dict[str, float], known: tuple[str, ...], what: str, listed: str
+                 ) -> dict[str, float]:  # fmt: skip
+    """A scheme's ``terms``: every name among ``known``, at least one positive weight."""
+    unknown = sorted(set(terms) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}: {listed} are {list(known)}")
+    if not any(w > 0 for w in terms.values()):
+        raise ValueError("every term weight is 0: give at least one term a positive weight")
+    return terms
+
+
 # The params reads being recorded, if any (see "Which keys a stage reads" at the end).
 _trace: Trace | None = None
 
@@ -246,14 +257,7 @@ class Scheme(Strict):
     @field_validator("terms")
     @classmethod
     def _known_terms(cls, terms: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(terms) - set(LOSS_TERMS))
-        if unknown:
-            raise ValueError(
-                f"unknown loss term(s) {unknown}: the known terms are {list(LOSS_TERMS)}"
-            )
-        if not any(w > 0 for w in terms.values()):
-            raise ValueError("every term weight is 0: give at least one term a positive weight")
-        return terms
+        return _check_terms(terms, LOSS_TERMS, "loss term(s)", "the known terms")
 
     @model_validator(mode="after")
     def _check_schedules(self) -> Scheme:
@@ -429,14 +433,7 @@ class CausalScheme(Strict):
     @field_validator("terms")
     @classmethod
     def _known_terms(cls, terms: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(terms) - set(CAUSAL_TERMS))
-        if unknown:
-            raise ValueError(
-                f"unknown causal loss term(s) {unknown}: the causal terms are {list(CAUSAL_TERMS)}"
-            )
-        if not any(w > 0 for w in terms.values()):
-            raise ValueError("every term weight is 0: give at least one term a positive weight")
-        return terms
+        return _check_terms(terms, CAUSAL_TERMS, "causal loss term(s)", "the causal terms")
 
     @property
     def uses_intermediate(self) -> bool:

@@ -46,3 +46,19 @@ def deferred(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iter
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def stopped(step: int, ckpt_dir) -> SystemExit:
+    """What a training loop raises after the first signal, its step finished and checkpointed."""
+    return SystemExit(
+        f"interrupted at step {step}: checkpoint saved in {ckpt_dir}; rerun the stage "
+        "(`dvc repro`) to resume"
+    )
+
+
+def stopped_again(step: int, ckpt_dir) -> SystemExit:
+    """What a training loop raises on a second signal, inside step ``step + 1``: nothing saved."""
+    return SystemExit(
+        f"interrupted again during step {step + 1}: nothing saved now; a rerun of the stage "
+        f"resumes from the last periodic checkpoint in {ckpt_dir}, or starts over"
+    )

@@ -357,17 +357,11 @@ def train(
                 if kdist.any_rank(stop.requested, dist, device) and step < n_steps:
                     save_checkpoint(step)
                     bar.close()
-                    raise SystemExit(
-                        f"interrupted at step {step}: checkpoint saved in {ckpt_dir}; rerun the "
-                        "stage (`dvc repro`) to resume"
-                    )
+                    raise interrupt.stopped(step, ckpt_dir)
     except KeyboardInterrupt:
         # A second Ctrl-C, anywhere in a step: nothing consistent to save now.
         bar.close()
-        raise SystemExit(
-            f"interrupted again during step {step + 1}: nothing saved now; a rerun of the stage "
-            f"resumes from the last periodic checkpoint in {ckpt_dir}, or starts over"
-        ) from None
+        raise interrupt.stopped_again(step, ckpt_dir) from None
     bar.close()
     n_attr = sum(stepper.attributes(s) for s in range(step))
     result.summary = {
