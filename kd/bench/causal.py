@@ -10,11 +10,25 @@ them) with a student of 15 of its layers, for both arms:
   logits at every position, then the losses on those;
 - ``project``: ``kd.causal.distiller.terms`` — forward hooks, the chunked logit loss;
 - ``project+cache`` (logit arm): the same with the teacher's top-k support precomputed (what
-  the cache stage stores), so no teacher runs in the step.
+  the cache stage stores), so no teacher runs in the step;
+- ``trl`` (logit arm): TRL's distillation loss path on the same models — what its
+  ``DistillationTrainer._compute_loss`` does (both backbones' last hidden states, then
+  ``trl.trainer.distillation_trainer._chunked_divergence_loss`` with β = 0, its forward
+  KL(teacher ‖ student), projecting through both LM heads tile by tile). TRL has no hidden-state
+  or attention terms, so the multi arm has no TRL row. The function is private to TRL, so the
+  version is pinned (``trl==1.16.0``, a dev dependency); without TRL the row records why.
 
-Per row: seconds per step (after a warm-up step), tokens/s, peak resident memory added by the
-row (VmHWM reset per row), model FLOPs per step counted from the shapes, and MFU against a
-matmul peak measured in the same run. Every row of an arm must agree on the loss terms.
+``naive`` runs in float32, as a plain implementation does; ``project`` and ``trl`` run in both
+float32 and the pipeline's precision (``base.precision`` of params.yaml: bf16 autocast where the
+device makes it faster, else those rows are left out), ``project+cache`` in the pipeline's
+precision. The allocator and threads are set as every stage sets them
+(``kd.core.runtime.configure``): the time is the step the pipeline trains with.
+
+Per row: seconds per step (median after warm-up steps), tokens/s, peak resident memory added by
+the row (VmHWM reset per row), model FLOPs per step counted from the shapes, and MFU against a
+matmul peak of the row's dtype measured in the same run. Every row of an arm computes its terms
+on the same first batch from the same weights, and they must agree (the cached row's logit term
+is the top-k lower bound).
 """
 
 from __future__ import annotations
@@ -28,8 +42,12 @@ import torch
 
 from kd.bench.bench import PeakRSS, matmul_peak, time_steps
 from kd.causal import divergences as D
-from kd.causal.distiller import Projections, Scheme, causal_attention_kl, terms
+from kd.causal.distiller import Projections, Scheme, base_model, causal_attention_kl, terms
 from kd.causal.students import from_teacher_layers, uniform_layers
+from kd.core.params import load_params
+from kd.core.runtime import autocast, configure, effective_precision
+
+TRL_VERSION = "1.16.0"  # the version whose private loss function trl_terms calls
 
 # SmolLM2-135M (its config.json); the offline default teacher of the causal family.
 SMOLLM2_135M = dict(
@@ -87,6 +105,54 @@ def naive_terms(student, teacher, ids, scheme: Scheme, layer_map, proj) -> dict:
     return out
 
 
+def trl_missing() -> str | None:
+    """Why the TRL row cannot run here, or None: TRL absent, or a release other than the one
+    whose private loss function :func:`trl_terms` calls."""
+    try:
+        import trl
+    except ImportError as e:
+        return f"{e} (pip install trl=={TRL_VERSION})"
+    if trl.__version__ != TRL_VERSION:
+        return f"the TRL row calls TRL {TRL_VERSION}'s private loss; found {trl.__version__}"
+    return None
+
+
+def trl_terms(student, teacher, ids, scheme: Scheme) -> dict:
+    """TRL's distillation loss on one batch of full blocks, as its trainer computes it: the
+    backbones' last hidden states at the predicting positions, then its chunked divergence
+    through both LM heads (β = 0: forward KL(teacher ‖ student), as the logit arm's)."""
+    if why := trl_missing():
+        raise RuntimeError(why)
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    if scheme.divergence != "forward_kl":
+        raise ValueError("the TRL row compares the forward KL (β = 0)")
+    s_last = base_model(student)(input_ids=ids).last_hidden_state[:, :-1]
+    with torch.no_grad():
+        t_last = base_model(teacher)(input_ids=ids).last_hidden_state[:, :-1]
+    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    mask = torch.ones(s_last.shape[:2], device=ids.device)
+    loss, _, _ = _chunked_divergence_loss(
+        s_last, t_last, s_head.weight, t_head.weight, mask, beta=0.0,
+        student_lm_head_bias=s_head.bias, teacher_lm_head_bias=t_head.bias,
+        temperature=scheme.temperature,
+    )  # fmt: skip
+    return {"logit": loss, "total": loss}
+
+
+def ways(precision: str) -> list[tuple[str, str, str]]:
+    """(arm, way, precision) of every row: float32 for all, and the pipeline's precision too
+    where it is another one."""
+    low = [precision] if precision != "fp32" else []
+    return [
+        ("logit", "naive", "fp32"),
+        *[("logit", way, p) for way in ("trl", "project") for p in ("fp32", *low)],
+        ("logit", "project+cache", precision),
+        ("multi", "naive", "fp32"),
+        *[("multi", "project", p) for p in ("fp32", *low)],
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m kd.bench.causal", description=__doc__.split("\n")[0]
@@ -99,12 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"],
                     help="teacher layers (30: SmolLM2-135M; fewer for a quick run)")  # fmt: skip
     ap.add_argument("--k", type=int, default=64, help="top-k of the cached rows (64)")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                    help="the pipeline's precision (default: base.precision of --params)")  # fmt: skip
+    ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="data/bench/causal.json")
     args = ap.parse_args(argv)
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    base = load_params(args.params).base
+    configure(base.threads)  # threads and allocator as every stage: the step the pipeline runs
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = effective_precision(device, args.precision or base.precision)
     torch.manual_seed(0)
     config = LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": args.layers})
     config._attn_implementation = "eager"  # the multi arm's attention maps need it, both ways
@@ -117,70 +189,85 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(2)
     ]
     tokens = args.batch_size * args.seq_len
-    peak = matmul_peak(2048, torch.float32, 3, device)
+    peaks = {"fp32": matmul_peak(2048, torch.float32, 3, device)}
+    if precision == "bf16":
+        peaks["bf16"] = matmul_peak(2048, torch.bfloat16, 3, device)
     fwd_t = forward_flops(config, tokens, args.seq_len)
     s_config = LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": len(layers)})
     fwd_s = forward_flops(s_config, tokens, args.seq_len)
     print(
-        f"matmul peak {peak:.0f} GFLOP/s; teacher {args.layers} layers, student {layers}",
+        "matmul peak "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
+        + f"; teacher {args.layers} layers, student {layers}",
         flush=True,
     )
 
-    rows = []
-    for arm, scheme in SCHEMES.items():
-        ways = ["naive", "project"] + (["project+cache"] if arm == "logit" else [])
-        for way in ways:
-            torch.manual_seed(2)
-            student = from_teacher_layers(teacher, layers).train()
-            proj = Projections(config.hidden_size, config.hidden_size, 1 + len(layers)).to(device)
-            opt = torch.optim.AdamW([*student.parameters(), *proj.parameters()], lr=1e-5)
-            supports = {}
-            if way == "project+cache":
-                with torch.no_grad():
-                    for b in batches:
-                        logits = teacher(b).logits[:, :-1].flatten(0, 1)
-                        supports[b.data_ptr()] = D.top_k(logits, args.k)
-            seen = {}
+    rows, skipped = [], []
+    for arm, way, prec in ways(precision):
+        scheme = SCHEMES[arm]
+        if way == "trl" and (why := trl_missing()):
+            skipped.append({"arm": arm, "way": way, "precision": prec, "why": why})
+            print(f"{arm} {way} {prec}: skipped ({why})", flush=True)
+            continue
+        torch.manual_seed(2)
+        student = from_teacher_layers(teacher, layers).train()
+        proj = Projections(config.hidden_size, config.hidden_size, 1 + len(layers)).to(device)
+        opt = torch.optim.AdamW([*student.parameters(), *proj.parameters()], lr=1e-5)
+        supports = {}
+        if way == "project+cache":
+            with torch.no_grad():
+                for b in batches:
+                    logits = teacher(b).logits[:, :-1].flatten(0, 1)
+                    supports[b.data_ptr()] = D.top_k(logits, args.k)
+        seen = {}
 
-            def step(batch, way=way, student=student, proj=proj, opt=opt, supports=supports,
-                     scheme=scheme, seen=seen):  # fmt: skip
-                opt.zero_grad(set_to_none=True)
+        def step(batch, way=way, prec=prec, student=student, proj=proj, opt=opt,
+                 supports=supports, scheme=scheme, seen=seen):  # fmt: skip
+            opt.zero_grad(set_to_none=True)
+            with autocast(device, prec):
                 if way == "naive":
                     out = naive_terms(student, teacher, batch, scheme, layer_map, proj)
+                elif way == "trl":
+                    out = trl_terms(student, teacher, batch, scheme)
                 else:
                     cache = supports.get(batch.data_ptr())
-                    out = terms(student, None if cache is not None else teacher, batch, scheme,
-                                layer_map, proj, cache=cache)  # fmt: skip
-                out["total"].backward()
-                opt.step()
-                seen.setdefault(batch.data_ptr(), {k: float(v.detach()) for k, v in out.items()})
+                    out = terms(student, None if cache is not None else teacher, batch,
+                                scheme, layer_map, proj, cache=cache)  # fmt: skip
+            out["total"].backward()
+            opt.step()
+            seen.setdefault(batch.data_ptr(), {k: float(v.detach()) for k, v in out.items()})
 
-            with PeakRSS() as mem:
-                times = time_steps(step, batches, args.warmup, args.steps, device)
-            sec = sorted(times)[len(times) // 2]
-            flops = 3 * fwd_s + (0 if way == "project+cache" else fwd_t)
-            rows.append({
-                "arm": arm, "way": way, "step_s": sec, "tokens_per_s": tokens / sec,
-                "peak_added_mib": mem.added_mib, "model_gflop": flops / 1e9,
-                "mfu": flops / sec / 1e9 / peak, "first_batch_terms": seen[batches[0].data_ptr()],
-            })  # fmt: skip
-            print(json.dumps(rows[-1]), flush=True)
-            del student, proj, opt, supports
+        with PeakRSS() as mem:
+            times = time_steps(step, batches, args.warmup, args.steps, device)
+        sec = sorted(times)[len(times) // 2]
+        flops = 3 * fwd_s + (0 if way == "project+cache" else fwd_t)
+        rows.append({
+            "arm": arm, "way": way, "precision": prec, "step_s": sec,
+            "tokens_per_s": tokens / sec, "peak_added_mib": mem.added_mib,
+            "model_gflop": flops / 1e9, "mfu": flops / sec / 1e9 / peaks[prec],
+            "first_batch_terms": seen[batches[0].data_ptr()],
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+        del student, proj, opt, supports
 
-    table = ["| arm | way | step | tokens/s | × naive | peak added | MFU | logit term (batch 1) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    table = ["| arm | way | precision | step | tokens/s | × naive | peak added | MFU | "
+             "logit term (batch 1) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
-        base = next(x for x in rows if x["arm"] == r["arm"] and x["way"] == "naive")
+        naive = next(x for x in rows if x["arm"] == r["arm"] and x["way"] == "naive")
         table.append(
-            f"| {r['arm']} | {r['way']} | {r['step_s']:.2f} s | {r['tokens_per_s']:.0f} | "
-            f"{base['step_s'] / r['step_s']:.2f}× | {r['peak_added_mib']:.0f} MiB | "
-            f"{100 * r['mfu']:.1f} % | {r['first_batch_terms']['logit']:.5f} |"
+            f"| {r['arm']} | {r['way']} | {r['precision']} | {r['step_s']:.2f} s | "
+            f"{r['tokens_per_s']:.0f} | {naive['step_s'] / r['step_s']:.2f}× | "
+            f"{r['peak_added_mib']:.0f} MiB | {100 * r['mfu']:.1f} % | "
+            f"{r['first_batch_terms']['logit']:.5f} |"
         )
+    table += [f"| {r['arm']} | {r['way']} | {r['precision']} | skipped: {r['why']} |"
+              for r in skipped]  # fmt: skip
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "matmul_peak_gflops": peak, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "teacher_layers": args.layers, "student_layers": layers, "k": args.k, "rows": rows,
-        "table": table, "when": time.strftime("%Y-%m-%d"),
+        "matmul_peak_gflops": peaks, "precision": precision, "batch_size": args.batch_size,
+        "seq_len": args.seq_len, "teacher_layers": args.layers, "student_layers": layers,
+        "k": args.k, "rows": rows, "skipped": skipped, "table": table,
+        "when": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
