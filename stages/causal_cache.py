@@ -24,16 +24,21 @@ def main() -> None:
                                             "the arms run the teacher at every step"})
             print("causal.top_k is 0: no cache")
             return
-        device, _ = runtime.setup(p.base)
+        # No seed: the teacher's forward is deterministic, and reading none lets every seed
+        # reuse this cache (dvc.yaml lists no base.seed here).
+        runtime.configure(p.base.threads)
+        device = runtime.pick_device(p.base)
         teacher = AutoModelForCausalLM.from_pretrained(
             outputs.need(outputs.folder(p, outputs.TEACHER), "causal_teacher")).to(device)
         train = load_from_disk(str(outputs.need(outputs.folder(p, outputs.TOKENS),
                                                 "causal_tokenize")))["train"]  # fmt: skip
         with tracking.start_run("causal_cache", params={"top_k": p.causal.top_k},
-                                runtime=runtime.record(device)) as run:  # fmt: skip
+                                runtime=runtime.record(device, p.base.precision)
+                                ) as run:  # fmt: skip
             start = time.perf_counter()
             meta = cache.write(teacher, train, tmp, p.causal.top_k,
-                               batch_size=p.causal.evaluate.batch_size)
+                               batch_size=p.causal.evaluate.batch_size,
+                               precision=p.base.precision)  # fmt: skip
             run.log_metrics({"rows": meta["rows"], "time/seconds": time.perf_counter() - start})
     print(f"teacher cache: top-{meta['k']} of {meta['vocab_size']} at {meta['rows']} blocks")
 

@@ -31,7 +31,10 @@ def main() -> None:
             student = students.from_config(teacher, p.base.seed, **cfg.config)
         student.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(where).save_pretrained(tmp)
-        info = {"kept_teacher_blocks": kept, "config": cfg.config, "seed": p.base.seed,
+        # A layer-subset student is the same for every seed: recording none keeps this output,
+        # and so the tokens and the teacher cache below it, unchanged across seeds.
+        seed = p.base.seed if kept is None else None
+        info = {"kept_teacher_blocks": kept, "config": cfg.config, "seed": seed,
                 "parameters": n_params(student), "teacher_parameters": n_params(teacher),
                 "layers": student.config.num_hidden_layers,
                 "weights_sha256": weights_hash(student)}  # fmt: skip

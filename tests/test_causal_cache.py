@@ -31,7 +31,8 @@ def test_top_k_over_the_whole_vocabulary_reproduces_the_full_loss(tokens, tmp_pa
     teacher = tiny_llama(seed=0)
     student = from_teacher_layers(teacher, [0, 3])
     meta = cache.write(teacher, tokens, tmp_path / "cache", k=64, temperature=2.0, batch_size=2)
-    assert meta == {"k": 64, "temperature": 2.0, "vocab_size": 64, "rows": 5, "rest": False}
+    assert meta == {"k": 64, "temperature": 2.0, "vocab_size": 64, "rows": 5, "rest": False,
+                    "precision": "fp32"}  # fmt: skip
     stored = cache.Cache(tmp_path / "cache")
     assert len(stored) == 5
     div = D.divergence(name)
@@ -59,3 +60,24 @@ def test_a_bad_k_is_refused_and_leaves_nothing(tokens, tmp_path) -> None:
     with pytest.raises(ValueError, match="vocabulary"):
         cache.write(tiny_llama(), tokens, tmp_path / "cache", k=65)
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_pipeline_s_precision_runs_the_blocks_and_keeps_the_head_in_float32(
+    tokens, tmp_path
+) -> None:
+    # base.precision bf16 (where this CPU has it) runs the teacher's blocks under autocast; the
+    # head runs in float32, so the stored log-probabilities are float32 and close to the
+    # float32 cache's (bf16 rounding of the blocks only), and the metadata says which ran.
+    from kd.core.runtime import effective_precision
+
+    teacher = tiny_llama(seed=0)
+    ref = cache.write(teacher, tokens, tmp_path / "fp32", k=8)
+    meta = cache.write(teacher, tokens, tmp_path / "bf16", k=8, precision="bf16")
+    assert ref["precision"] == "fp32"
+    assert meta["precision"] == effective_precision(torch.device("cpu"), "bf16")
+    a = cache.Cache(tmp_path / "fp32").support(slice(0, 5))
+    b = cache.Cache(tmp_path / "bf16").support(slice(0, 5))
+    assert b.logprobs.dtype == torch.float32
+    assert torch.allclose(b.logprobs, a.logprobs, atol=0.05)
+    if meta["precision"] == "bf16":
+        assert not torch.equal(b.logprobs, a.logprobs)  # the blocks did run in bf16

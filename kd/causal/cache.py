@@ -11,6 +11,12 @@ cache stores, for each of the L − 1 positions that predict a next token:
   distribution (absent when k is the whole vocabulary).
 
 Rows are in the token set's order, so row i of the cache belongs to row i of the tokens.
+
+The teacher's blocks run in the pipeline's precision (bf16 autocast where the device makes it
+faster, as the online teacher runs in training) and its LM head in float32, so the stored
+log-probabilities are not rounded to bf16's 8 bits: measured on the default teacher over 16
+held-out blocks, 1.9× faster than float32 throughout, KL(float32 ‖ this) = 2.8e-4 nats per
+position (bf16 logits too: 2.3×, 6.5e-4).
 """
 
 from __future__ import annotations
@@ -21,20 +27,26 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from kd.causal.distiller import base_model
 from kd.causal.divergences import TopK, top_k
 from kd.core.io import atomic_dir, read_json, write_json
+from kd.core.runtime import autocast, effective_precision
 
 META = "cache.json"  # k, temperature, vocabulary size, rows: what the cache was made with
 
 
 @torch.no_grad()
-def _rows(teacher, tokens, k: int, temperature: float, batch_size: int) -> Iterator[dict]:
+def _rows(teacher, tokens, k: int, temperature: float, batch_size: int, precision: str
+          ) -> Iterator[dict]:  # fmt: skip
     device = next(teacher.parameters()).device
+    head = teacher.get_output_embeddings()
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size]
         ids = torch.as_tensor(batch["input_ids"], device=device)
         mask = torch.as_tensor(batch["attention_mask"], device=device)
-        logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        with autocast(device, precision):
+            hidden = base_model(teacher)(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = head(hidden[:, :-1].float())  # float32 head: logits not rounded to bf16
         support = top_k(logits.flatten(0, 1), k, temperature)
         b, positions = logits.shape[:2]
         for i in range(b):
@@ -49,17 +61,19 @@ def _rows(teacher, tokens, k: int, temperature: float, batch_size: int) -> Itera
 
 
 def write(teacher, tokens, out: str | Path, k: int, temperature: float = 1.0,
-          batch_size: int = 8) -> dict:  # fmt: skip
+          batch_size: int = 8, precision: str = "fp32") -> dict:  # fmt: skip
     """Run ``teacher`` over ``tokens`` (a datasets.Dataset with ``input_ids`` and
-    ``attention_mask``) and save its top-k support to ``out`` atomically; returns the metadata."""
+    ``attention_mask``) and save its top-k support to ``out`` atomically; returns the metadata.
+    ``precision`` is ``base.precision``: the blocks' (kd.core.runtime.autocast), not the head's."""
     from datasets import Dataset
 
     vocab = teacher.config.vocab_size
     if not 1 <= k <= vocab:
         raise ValueError(f"cache k must be in [1, {vocab}] (the teacher's vocabulary), got {k}")
-    rows = list(_rows(teacher, tokens, k, temperature, batch_size))
+    rows = list(_rows(teacher, tokens, k, temperature, batch_size, precision))
+    device = next(teacher.parameters()).device
     meta = {"k": k, "temperature": temperature, "vocab_size": vocab, "rows": len(rows),
-            "rest": k < vocab}  # fmt: skip
+            "rest": k < vocab, "precision": effective_precision(device, precision)}  # fmt: skip
     with atomic_dir(out) as tmp:
         Dataset.from_list(rows).save_to_disk(str(tmp))
         write_json(Path(tmp) / META, meta)
