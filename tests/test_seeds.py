@@ -130,6 +130,15 @@ def test_select_on_the_real_tree():
     assert "kept the newest (ratty-oner), skipped ratty-pall" in notes
 
 
+def test_many_rows_skipped_for_one_reason_make_one_note():
+    # `--all-commits` lists every older commit, each without the metrics file: one line says so.
+    old = [row(f"c{i:02d}", i + 10, metrics={}) for i in range(12)]
+    sel = seeds.select([row("workspace", 0), row("aaa", 1), *old])
+    skipped = [n for n in sel.notes if "no eval.json" in n]
+    assert skipped == ["skipped 12 rows (c00, c01, c02 and 9 more): no eval.json in its "
+                       "metrics (not run?)"]  # fmt: skip
+
+
 def test_select_skips_other_params_and_keeps_one_row_per_seed():
     rows = [
         row("workspace", 0),

@@ -253,6 +253,15 @@ def _skip_reason(row: Row, reference: Row, family: Family | None = None) -> str 
     return None
 
 
+def _skipped(reason: str, group: list[Row], shown: int = 3) -> list[str]:
+    """One note per reason: every commit older than the family's metrics file (an
+    ``--all-commits`` walk lists dozens) says the same thing once, not once per commit."""
+    if len(group) <= shown:
+        return [f"skipped {r.label} (seed {r.seed}): {reason}" for r in group]
+    names = ", ".join(r.label for r in group[:shown])
+    return [f"skipped {len(group)} rows ({names} and {len(group) - shown} more): {reason}"]
+
+
 def select(rows: Sequence[Row], min_seeds: int = 2, family: Family | None = None) -> Selection:
     """The rows that repeat the workspace's experiment, one per seed (module docstring); for
     the causal family, the workspace's params with ``model.family: causal``."""
@@ -262,14 +271,15 @@ def select(rows: Sequence[Row], min_seeds: int = 2, family: Family | None = None
     reference = next((r for r in rows if r.rev == "workspace"), rows[0])
     if family.fixed:
         reference = replace(reference, params={**reference.params, **dict(family.fixed)})
-    notes: list[str] = []
+    by_reason: dict[str, list[Row]] = {}
     by_seed: dict[object, list[Row]] = {}
     for row in rows:
         reason = _skip_reason(row, reference, family)
         if reason:
-            notes.append(f"skipped {row.label} (seed {row.seed}): {reason}")
+            by_reason.setdefault(reason, []).append(row)
         else:
             by_seed.setdefault(row.seed, []).append(row)
+    notes = [note for reason, group in by_reason.items() for note in _skipped(reason, group)]
     kept = []
     for seed, group in by_seed.items():
         # The workspace first, then newest first (ISO timestamps sort as strings).
