@@ -24,10 +24,7 @@ def main() -> None:
                                             "the arms run the teacher at every step"})
             print("causal.top_k is 0: no cache")
             return
-        # No seed: the teacher's forward is deterministic, and reading none lets every seed
-        # reuse this cache (dvc.yaml lists no base.seed here).
-        runtime.configure(p.base.threads)
-        device = runtime.pick_device(p.base)
+        device = runtime.setup_unseeded(p.base)  # every seed reuses the cache
         teacher = AutoModelForCausalLM.from_pretrained(
             outputs.need(outputs.folder(p, outputs.TEACHER), "causal_teacher")).to(device)
         train = load_from_disk(str(outputs.need(outputs.folder(p, outputs.TOKENS),

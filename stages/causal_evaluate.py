@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     with outputs.writing(p, outputs.evaluation(p, name)) as tmp:
         if tmp is None:
             return
-        device, _ = runtime.setup(p.base)
+        # Unseeded: scoring, greedy decoding and the probe (probe.seed) draw nothing from
+        # base.seed, so the initial student's evaluation is reused by every seed.
+        device = runtime.setup_unseeded(p.base)
         teacher_dir = outputs.need(outputs.folder(p, outputs.TEACHER), "causal_teacher")
         student_dir = (outputs.need(outputs.folder(p, outputs.STUDENT_INIT), "causal_student")
                        if args.init else outputs.need(outputs.arm(p, name), f"causal_train@{name}"))

@@ -153,14 +153,14 @@ def test_a_second_repro_reruns_nothing_and_an_arm_change_reruns_that_arm(causal_
                          "causal_report"}
     shown = repo.run("dvc", "exp", "show", "--json")
     assert "causal.json" in shown
-    # Another seed retrains and re-evaluates; the teacher, its tokens and its cache are reused
-    # (causal_student reruns, as it reads base.seed for a config student, but a layer-subset
-    # student is the same for every seed, so nothing below it reruns for that).
+    # Another seed retrains and re-evaluates the arms; the teacher, its tokens, its cache and the
+    # initial student's evaluation are reused (causal_student reruns, as it reads base.seed for
+    # a config student, but a layer-subset student is the same for every seed, so nothing below
+    # it reruns for that).
     out = repo.run("dvc", "exp", "run", "-S", "base.seed=7", "causal_report", timeout=600)
     assert _ran(out) == {"check_params", "causal_student", "causal_train@logit",
                          "causal_train@multi", "causal_evaluate@logit", "causal_evaluate@multi",
-                         "causal_evaluate_init", "causal_report"}  # fmt: skip
-    assert "causal_tokenize" not in _ran(out) and "causal_cache" not in _ran(out)
+                         "causal_report"}  # fmt: skip
 
 
 @pytest.mark.long

@@ -165,6 +165,14 @@ def configure(threads: int = 0) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def setup_unseeded(base: Base) -> torch.device:
+    """For a stage whose numbers draw nothing random (a teacher's forward, greedy decoding, a
+    probe seeded by ``probe.seed``): :func:`configure` and the device, no seed read, so that
+    dvc.yaml need not list ``base.seed`` and another seed reuses the stage's output."""
+    configure(base.threads)
+    return pick_device(base)
+
+
 def setup(base: Base, seed: int | None = None) -> tuple[torch.device, torch.Generator]:
     """For a stage that computes on a device: :func:`configure` with ``base.threads``, the seed
     (``base.seed`` unless the stage has its own); returns the device and an explicit generator."""
