@@ -36,9 +36,8 @@ META = "cache.json"  # k, temperature, vocabulary size, rows: what the cache was
 
 
 @torch.no_grad()
-def _rows(teacher, tokens, k: int, temperature: float, batch_size: int, precision: str
-          ) -> Iterator[dict]:  # fmt: skip
-    device = next(teacher.parameters()).device
+def _rows(teacher, tokens, k: int, temperature: float, batch_size: int, precision: str,
+          device: torch.device) -> Iterator[dict]:  # fmt: skip
     head = teacher.get_output_embeddings()
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size]
@@ -70,8 +69,8 @@ def write(teacher, tokens, out: str | Path, k: int, temperature: float = 1.0,
     vocab = teacher.config.vocab_size
     if not 1 <= k <= vocab:
         raise ValueError(f"cache k must be in [1, {vocab}] (the teacher's vocabulary), got {k}")
-    rows = list(_rows(teacher, tokens, k, temperature, batch_size, precision))
     device = next(teacher.parameters()).device
+    rows = list(_rows(teacher, tokens, k, temperature, batch_size, precision, device))
     meta = {"k": k, "temperature": temperature, "vocab_size": vocab, "rows": len(rows),
             "rest": k < vocab, "precision": effective_precision(device, precision)}  # fmt: skip
     with atomic_dir(out) as tmp:

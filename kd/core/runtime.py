@@ -176,5 +176,4 @@ def setup_unseeded(base: Base) -> torch.device:
 def setup(base: Base, seed: int | None = None) -> tuple[torch.device, torch.Generator]:
     """For a stage that computes on a device: :func:`configure` with ``base.threads``, the seed
     (``base.seed`` unless the stage has its own); returns the device and an explicit generator."""
-    configure(base.threads)
-    return pick_device(base), set_seed(base.seed if seed is None else seed)
+    return setup_unseeded(base), set_seed(base.seed if seed is None else seed)
