@@ -19,7 +19,7 @@ from kd.core import arms, cli, runtime, tracking
 from kd.core.io import atomic_file, need, write_json
 from kd.core.params import load_params
 from kd.data import tokens
-from kd.distill.distiller import Projections
+from kd.distill.projections import Projections
 from kd.evaluation.evaluate import Judge, evaluate, summarize
 
 

@@ -16,7 +16,7 @@ from transformers import BertForMaskedLM
 from kd.core.io import read_json
 from kd.core.params import Evaluate
 from kd.data.masking import IGNORE
-from kd.distill.distiller import Projections
+from kd.distill.projections import Projections
 from kd.evaluation import lstsq
 from kd.evaluation.evaluate import Judge, evaluate, fixed_batches, logit_metrics, summarize
 

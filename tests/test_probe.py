@@ -16,6 +16,7 @@ from kd.core.io import read_json
 from kd.core.params import ParamsError, Probe, parse_params
 from kd.core.runtime import set_seed
 from kd.core.tracking import EXPERIMENT, STAGE_RUNS
+from kd.distill.losses import mean_pool
 from kd.probe import probe
 from kd.report import report as kd_report
 
@@ -148,7 +149,7 @@ def test_bad_probe_params_name_the_key(values, key) -> None:
 
 def test_features_are_mask_weighted_means(model_dirs) -> None:
     hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
-    assert probe.mean_pool(hidden, torch.tensor([[1, 1, 0]])).tolist() == [[2.0, 3.0]]
+    assert mean_pool(hidden, torch.tensor([[1, 1, 0]])).tolist() == [[2.0, 3.0]]
 
     short, long = "apple banana", "river mountain forest valley ocean desert island lake"
     alone = _features(model_dirs["teacher"], [short])

@@ -46,10 +46,7 @@ from kd.data.masking import IGNORE
 from kd.distill import losses, schedules
 from kd.distill.hooks import attention_probs, attention_scores, capture
 from kd.distill.layermap import resolve_layer_map
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    return getattr(model, model.base_model_prefix)
+from kd.distill.projections import Projections
 
 
 def mlm_head(model: nn.Module) -> nn.Module:
@@ -112,7 +109,7 @@ def forward_reps(
     if last_values:
         paths["value.last"] = f"{layer(n)}.attention.self.value"
     with capture(model, paths) as got:
-        out = base_model(model)(input_ids=input_ids, attention_mask=attention_mask)
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask)
     heads = model.config.num_attention_heads
     # Packed blocks rarely hold padding: then there is nothing to mask (one check per forward).
     score_mask = None if bool(attention_mask.all()) else attention_mask
@@ -136,24 +133,6 @@ def logit_positions(batch: dict[str, Tensor], where: str) -> Tensor:
     if where == "masked":
         return batch["labels"] != IGNORE
     return batch["attention_mask"].bool()
-
-
-class Projections(nn.Module):
-    """Linear maps from the student's width to the teacher's, keyed by student layer.
-
-    Index 0 is the embedding output, i the output of layer i. Only the indices a scheme uses get
-    a map (an unused map would hold parameters without gradients, which DDP rejects); with
-    ``shared`` one map serves them all, as in TinyBERT's code.
-    """
-
-    def __init__(self, d_student: int, d_teacher: int, indices: list[int], shared: bool):
-        super().__init__()
-        self.shared = shared
-        keys = ["shared"] if shared else [str(i) for i in indices]
-        self.maps = nn.ModuleDict({k: nn.Linear(d_student, d_teacher) for k in keys})
-
-    def forward(self, x: Tensor, index: int) -> Tensor:
-        return self.maps["shared" if self.shared else str(index)](x)
 
 
 # Terms that compare attention heads one to one.
@@ -196,6 +175,11 @@ class Distiller(nn.Module):
     ``forward(batch, teacher)`` returns every active term of the scheme, unweighted, in float32;
     :func:`total` weights them with the current weights (see :meth:`set_progress`).
     """
+
+    # The attention terms read scores from hooked queries and keys: any kernel will do.
+    eager_attention = False
+    # BERT's dropout modules take the loop's cheaper CPU masks (kd/training/dropout.py).
+    fast_dropout = True
 
     def __init__(self, student: nn.Module, teacher: nn.Module, scheme: Scheme):
         super().__init__()

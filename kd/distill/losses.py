@@ -181,19 +181,25 @@ def hidden_cosine(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
     return torch.where(real, 1.0 - cos, 0.0).sum() / real.sum().clamp(min=1)
 
 
-def attention_kl(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+def attention_kl(student: Tensor, teacher: Tensor, mask: Tensor | None = None, *,
+                 causal: bool = False, probs: bool = False) -> Tensor:  # fmt: skip
     """Self-attention distribution transfer of MiniLM (Wang et al. 2020, "MiniLM: Deep
     Self-Attention Distillation for Task-Agnostic Compression of Pre-Trained Transformers"),
-    restricted to real tokens.
+    restricted to the keys each query may see.
 
-        L = (1/(H · N)) Σ_h Σ_{b,i: m_bi=1} KL(A^T_bhi ‖ A^S_bhi),
-        A_bhi = softmax_j over real keys (z_bhij),   N = Σ_{b,i} m_bi
+        L = (1/(H · N)) Σ_h Σ_{b,i: m_bi=1} Σ_{j ∈ K(b,i)} A^T_bhij · log(A^T_bhij / A^S_bhij)
+
+    K(b, i) are row b's real keys (``mask``), and only j ≤ i when ``causal``; N = Σ_{b,i} m_bi.
+    An encoder (the MLM family) gives pre-softmax scores, normalised here over K; a decoder's
+    eager attention gives probabilities (``probs``), already zero outside K.
 
     Args:
-        student: [B, H, L, L] pre-softmax logits (attention scores, or value-relation logits).
-        teacher: [B, H, L, L] with the same number of heads.
-        mask: [B, L], 1 for real tokens and 0 for padding; padded keys are excluded from the
-            softmax here, whatever the logits hold there.
+        student: [B, H, L, L] pre-softmax logits (attention scores, or value-relation logits),
+            or probabilities when ``probs``.
+        teacher: [B, H, L, L] the same, with the same number of heads.
+        mask: [B, L], 1 for real tokens and 0 for padding; None when every token is real.
+        causal: keys after the query are left out (a decoder's map is 0 there).
+        probs: the maps are probabilities rather than logits.
 
     Returns:
         A float32 scalar; zero (with a grad path) when the mask is empty.
@@ -201,15 +207,31 @@ def attention_kl(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
     if student.shape != teacher.shape:
         raise ValueError(
             f"student and teacher attention maps differ in shape: "
-            f"{tuple(student.shape)} vs {tuple(teacher.shape)}"
+            f"{tuple(student.shape)} vs {tuple(teacher.shape)} (the attention term compares "
+            "heads one to one: it needs equal head counts)"
         )
-    m = _real(mask, student)
-    key = m[:, None, None, :]
-    low = torch.finfo(torch.float32).min
-    log_s = torch.log_softmax(student.float().masked_fill(~key, low), dim=-1)
-    log_t = torch.log_softmax(teacher.float().masked_fill(~key, low), dim=-1)
+    length = student.shape[-1]
+    m = None if mask is None else _real(mask, student)
+    keep = torch.ones(1, 1, 1, length, dtype=torch.bool, device=student.device)
+    if m is not None:
+        keep = m[:, None, None, :]
+    if causal:
+        keep = keep & torch.ones(length, length, dtype=torch.bool, device=student.device).tril()
+    if probs:
+        tiny = torch.finfo(torch.float32).tiny
+        p_t = teacher.float()
+        # clamp, not +eps: inside K the probabilities are > 0 and stay exact; the clamp only
+        # meets the zeros outside it, which the where() below drops (their gradient is 0).
+        log_t, log_s = p_t.clamp_min(tiny).log(), student.float().clamp_min(tiny).log()
+    else:
+        low = torch.finfo(torch.float32).min
+        log_s = torch.log_softmax(student.float().masked_fill(~keep, low), dim=-1)
+        log_t = torch.log_softmax(teacher.float().masked_fill(~keep, low), dim=-1)
+        p_t = log_t.exp()
     # Select before multiplying: differences of the fill value are not meaningful numbers.
-    kl = torch.where(key, log_t.exp() * (log_t - log_s), 0.0).sum(-1)  # [B, H, L]
+    kl = torch.where(keep, p_t * (log_t - log_s), 0.0).sum(-1)  # [B, H, L]
+    if m is None:
+        return kl.mean()
     query = m[:, None, :]
     count = m.sum() * student.shape[1]
     return torch.where(query, kl, 0.0).sum() / count.clamp(min=1)

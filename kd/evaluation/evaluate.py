@@ -40,9 +40,10 @@ from kd.core.params import Evaluate, Scheme
 from kd.core.runtime import autocast
 from kd.data.masking import IGNORE
 from kd.distill import losses, schedules
-from kd.distill.distiller import Projections, Reps, forward_reps, mlm_head
+from kd.distill.distiller import Reps, forward_reps, mlm_head
 from kd.distill.hooks import attention_probs
 from kd.distill.layermap import resolve_layer_map
+from kd.distill.projections import Projections
 from kd.evaluation.lstsq import LinearFit, apply
 
 # Which count weighs a column when per-batch values are averaged: a mean over positions, not

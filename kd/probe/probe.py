@@ -27,6 +27,7 @@ from kd.core import optim
 from kd.core.params import Probe
 from kd.core.runtime import autocast, use_training_attention
 from kd.data.assets import bbc_offline_dir, hub_dataset
+from kd.distill.losses import mean_pool
 
 
 @dataclass(frozen=True)
@@ -195,12 +196,6 @@ def pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, mask
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens only: padding must not move a text's feature with its batch."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-
-
 def _batches(ids: list[list[int]], batch_size: int):
     """Row indices in batches of similar length (less padding), each batch in length order."""
     order = np.argsort([len(r) for r in ids], kind="stable")
@@ -225,6 +220,7 @@ def features(
         input_ids, mask = input_ids.to(device), mask.to(device)
         with autocast(device, precision):
             hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        # Mean over real tokens only: padding must not move a text's feature with its batch.
         out[rows] = mean_pool(hidden.float(), mask).cpu().numpy()
     return out
 

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from kd.core.params import Probe, Quantize
 from kd.data.masking import IGNORE
-from kd.distill.distiller import base_model, mlm_head
+from kd.distill.distiller import mlm_head
 from kd.evaluation.evaluate import fixed_batches, logit_metrics, summarize
 from kd.probe import probe
 
@@ -90,7 +90,7 @@ def state_dict_bytes(model: nn.Module, name: str = "model") -> int:
 
 def _masked_logits(model: nn.Module, batch: dict[str, Tensor], where: Tensor) -> Tensor:
     # The 30k-word head only at the scored positions, as kd.distill.distiller does.
-    last = base_model(model)(
+    last = model.base_model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state
     return mlm_head(model)(last[where]).float()
@@ -166,7 +166,7 @@ def probe_accuracy(models: dict[str, nn.Module], tokenizer, cfg: Probe) -> dict[
     pad_id = probe.pad_token_id(tokenizer)
     return {
         f"{name}/probe_linear_acc": probe.linear_accuracy(
-            base_model(model), ids, pad_id, data.labels, train_rows, test_rows, cfg,
+            model.base_model, ids, pad_id, data.labels, train_rows, test_rows, cfg,
             torch.device("cpu"),
         )
         for name, model in models.items()
