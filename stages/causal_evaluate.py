@@ -13,7 +13,6 @@ from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kd.causal import outputs
-from kd.causal.distiller import base_model
 from kd.causal.evaluate import continuations, score
 from kd.core import cli, runtime, tracking
 from kd.core.io import write_json
@@ -30,7 +29,7 @@ def linear_probes(p, models: dict, tokenizer, device) -> dict[str, float]:
     cfg = p.probe.model_copy(update={"max_examples": p.causal.probe_examples})
     data, train_rows, test_rows = probe.load_split(cfg)
     ids = probe.tokenize(tokenizer, data.texts, cfg.max_seq_length)
-    return {name: probe.linear_accuracy(base_model(m), ids, probe.pad_token_id(tokenizer),
+    return {name: probe.linear_accuracy(m.base_model, ids, probe.pad_token_id(tokenizer),
                                         data.labels, train_rows, test_rows, cfg, device)
             for name, m in models.items()}  # fmt: skip
 

@@ -1,7 +1,10 @@
 """A tiny distillation run, launched by tests/test_distributed.py on 1 or 2 processes.
 
-    python tests/ddp_worker.py OUT [micro_batch_size]
+    python tests/ddp_worker.py OUT [micro_batch_size] [CACHE]
     torchrun --standalone --nproc-per-node=2 tests/ddp_worker.py OUT
+
+With a CACHE folder (kd.causal.cache, written by the test), the run is the causal family's:
+the multi arm on a tiny Llama, its logit term read from the cache, each rank its own rows.
 
 Rank 0 writes OUT/result.pt (final weights and logged rows) and logs one MLflow run.
 """
@@ -19,9 +22,11 @@ from transformers import BertForMaskedLM
 from kd.core import dist as kdist
 from kd.core import tracking
 from kd.core.params import Scheme, Train
+from kd.data.masking import MaskedBlocks, Masking
 from kd.data.tokens import pack
 from kd.distill.distiller import Distiller
-from kd.training.loop import Masking, train
+from kd.training import flops
+from kd.training.loop import train
 
 VOCAB = 60
 
@@ -31,11 +36,57 @@ def tiny(hidden: int, layers: int, seed: int) -> BertForMaskedLM:
                      attention_probs_dropout_prob=0.0)
 
 
+def causal(cache_dir: Path, micro: int | None):
+    """The causal multi arm (every term, the logit term from the cache) and its batches."""
+    from tiny import causal_blocks, tiny_llama
+
+    from kd.causal.batches import NextTokenBlocks
+    from kd.causal.cache import Cache
+    from kd.causal.distiller import CausalDistiller
+    from kd.causal.students import from_teacher_layers
+    from kd.core.params import CausalScheme, CausalTrain
+
+    teacher = tiny_llama(layers=4, vocab=32, seed=0)
+    teacher.set_attn_implementation("eager")
+    student = from_teacher_layers(teacher, [0, 3])
+    scheme = CausalScheme(terms={"logit": 1.0, "hidden": 1.0, "attention": 1.0, "embedding": 1.0})
+    d = CausalDistiller(student, 16, scheme, [1, 4])
+    cfg = CausalTrain(batch_size=4, micro_batch_size=micro, max_steps=4, log_every=1,
+                      warmup_steps=1, lr=1e-3, checkpoint_every=100, attribution_every=2)  # fmt: skip
+    return d, teacher, NextTokenBlocks(causal_blocks(), Cache(cache_dir)), cfg, None
+
+
 def main() -> None:
     out = Path(sys.argv[1])
-    micro = int(sys.argv[2]) if len(sys.argv) > 2 else None
+    micro = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] != "0" else None
     torch.set_num_threads(1)
     dist, device = kdist.init(torch.device("cpu"))
+    if len(sys.argv) > 3:
+        d, teacher, batches, cfg, flops_of = causal(Path(sys.argv[3]), micro)
+    else:
+        d, teacher, batches, cfg, flops_of = mlm(micro)
+    with tracking.start_run("train", arm="ddp-test", enabled=dist.main) as run:
+        result = train(
+            d,
+            teacher,
+            batches,
+            cfg,
+            seed=0,
+            precision="fp32",
+            device=device,
+            flops_of=flops_of,
+            run=run,
+            ckpt_dir=out / "ckpt",
+            fingerprint="x",
+            dist=dist,
+        )
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"state": d.state_dict(), "rows": result.rows}, out / "result.pt")
+    kdist.shutdown(dist)
+
+
+def mlm(micro: int | None):
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(5, VOCAB, (20,), generator=g).tolist() for _ in range(40)]
     cols = pack(docs, 16, cls_id=1, sep_id=2, pad_id=0)
@@ -56,25 +107,8 @@ def main() -> None:
         lr=1e-3,
         checkpoint_every=100,
     )
-    with tracking.start_run("train", arm="ddp-test", enabled=dist.main) as run:
-        result = train(
-            d,
-            teacher,
-            ds,
-            cfg,
-            seed=0,
-            precision="fp32",
-            device=device,
-            masking=Masking("dynamic", 3, VOCAB, 0.15),
-            run=run,
-            ckpt_dir=out / "ckpt",
-            fingerprint="x",
-            dist=dist,
-        )
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save({"state": d.state_dict(), "rows": result.rows}, out / "result.pt")
-    kdist.shutdown(dist)
+    batches = MaskedBlocks(ds, Masking("dynamic", 3, VOCAB, 0.15))
+    return d, teacher, batches, cfg, flops.StepFlops(d, teacher.config)
 
 
 if __name__ == "__main__":

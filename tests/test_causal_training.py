@@ -1,4 +1,6 @@
-"""The causal training loop (kd/causal/training.py): it learns, it resumes exactly, it uses the cache."""
+"""The causal arms in the one training loop (kd/training/loop.py, with kd/causal/batches.py and
+kd/causal/distiller.py): they learn, resume exactly, use the cache, attribute the terms, and the
+on-policy rows are the student's own text."""
 
 from __future__ import annotations
 
@@ -10,9 +12,12 @@ from tiny import tiny_llama
 
 from kd.causal import cache as kd_cache
 from kd.causal import students
-from kd.causal.training import CausalDistiller, layer_groups, layer_map, train
+from kd.causal.batches import NextTokenBlocks
+from kd.causal.distiller import CausalDistiller, layer_map
 from kd.core.params import CausalScheme, CausalTrain
 from kd.core.tracking import Run
+from kd.training import loop
+from kd.training.gradnorm import layer_groups
 
 CPU = torch.device("cpu")
 
@@ -30,9 +35,10 @@ def blocks(n: int = 12, length: int = 12) -> torch.Tensor:
 
 
 def run_train(distiller, teacher, data, cache, cfg, tmp_path, resume=None):
-    return train(distiller, teacher, data, cache, cfg, seed=0, device=CPU, precision="fp32",
-                 run=Run(None, None), ckpt_dir=tmp_path / "ckpt", fingerprint="f",
-                 resume=resume)  # fmt: skip
+    batches = NextTokenBlocks(data, cache, distiller.student, cfg)
+    return loop.train(distiller, teacher, batches, cfg, seed=0, device=CPU, precision="fp32",
+                      run=Run(None, None), ckpt_dir=tmp_path / "ckpt", fingerprint="f",
+                      resume=resume)  # fmt: skip
 
 
 def test_layer_groups_cover_every_parameter_once_and_a_tied_head_under_embeddings() -> None:
@@ -70,17 +76,17 @@ class StopAfter:
 @pytest.mark.parametrize("terms", [{"logit": 1.0}, {"logit": 1, "hidden": 1, "attention": 1,
                                                      "embedding": 1}])  # fmt: skip
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, terms) -> None:
-    from kd.causal import training
     from kd.training import checkpoint
 
     teacher, d = setup(terms)
     for m in (teacher, d.student):
         m.set_attn_implementation("eager")
-    cfg = CausalTrain(batch_size=3, max_steps=4, warmup_steps=1, log_every=1, checkpoint_every=10)
+    cfg = CausalTrain(batch_size=3, max_steps=4, warmup_steps=1, log_every=1, checkpoint_every=10,
+                      attribution_every=2)  # fmt: skip
     whole, cut = copy.deepcopy(d), copy.deepcopy(d)
     full = run_train(whole, teacher, blocks(), None, cfg, tmp_path)
     # Ctrl-C during step 2: the loop finishes the step, checkpoints it and stops.
-    monkeypatch.setattr(training.interrupt, "deferred", StopAfter(2))
+    monkeypatch.setattr(loop.interrupt, "deferred", StopAfter(2))
     with pytest.raises(SystemExit, match="interrupted at step 2"):
         run_train(cut, teacher, blocks(), None, cfg, tmp_path)
     monkeypatch.undo()

@@ -81,7 +81,7 @@ def test_the_code_check_names_an_undeclared_import(project_copy) -> None:
     stage = project_copy / "stages" / "sample_corpus.py"
     stage.write_text(stage.read_text().replace(
         "def main() -> None:\n",
-        "def main() -> None:\n    from kd.training import gradnorm  # noqa: F401\n",
+        "def main() -> None:\n    from kd.training import interrupt  # noqa: F401\n",
     ))
     dvc_yaml = project_copy / "dvc.yaml"
     raw = yaml.safe_load(dvc_yaml.read_text())
@@ -89,7 +89,7 @@ def test_the_code_check_names_an_undeclared_import(project_copy) -> None:
     dvc_yaml.write_text(yaml.safe_dump(raw, sort_keys=False))
 
     missing = {s.name: undeclared_code(project_copy, s) for s in stages(project_copy)}
-    assert missing["sample_corpus"] == ["kd/training/gradnorm.py"]
+    assert missing["sample_corpus"] == ["kd/training/interrupt.py"]
     assert missing["evaluate@multi"] == ["kd/evaluation/evaluate.py", "kd/evaluation/lstsq.py"]
     assert missing["evaluate@logit"] == missing["evaluate@multi"]
     assert not missing["tokenize"]

@@ -67,3 +67,31 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
     run([sys.executable, str(WORKER), str(one)], tmp_path, f"sqlite:///{tmp_path}/a.db")
     run([sys.executable, str(WORKER), str(acc), "2"], tmp_path, f"sqlite:///{tmp_path}/b.db")
     compare(torch.load(one / "result.pt"), torch.load(acc / "result.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_the_causal_family_on_two_processes_matches_one(tmp_path):
+    """The causal multi arm, its logit term from the teacher cache (each rank reads its own
+    rows), with attribution steps: 2 gloo processes equal 1, as the MLM family's do."""
+    from tiny import write_causal_cache
+
+    write_causal_cache(tmp_path / "cache")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([sys.executable, str(WORKER), str(one), "0", str(tmp_path / "cache")], tmp_path,
+        f"sqlite:///{tmp_path}/one.db")  # fmt: skip
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(WORKER), str(two), "0", str(tmp_path / "cache")], tmp_path,
+        f"sqlite:///{tmp_path}/two.db")  # fmt: skip
+    compare(torch.load(one / "result.pt"), torch.load(two / "result.pt"))
+
+
+def test_causal_gradient_accumulation_matches_full_batch(tmp_path):
+    from tiny import write_causal_cache
+
+    write_causal_cache(tmp_path / "cache")
+    one, acc = tmp_path / "one", tmp_path / "acc"
+    for out, micro in ((one, "0"), (acc, "1")):
+        run([sys.executable, str(WORKER), str(out), micro, str(tmp_path / "cache")], tmp_path,
+            f"sqlite:///{tmp_path}/{out.name}.db")  # fmt: skip
+    compare(torch.load(one / "result.pt"), torch.load(acc / "result.pt"))

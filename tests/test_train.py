@@ -12,12 +12,12 @@ from datasets import Dataset
 from tiny import tiny_bert
 
 from kd.core.params import Scheme, Train
+from kd.data.masking import MaskedBlocks, Masking
 from kd.data.tokens import pack
 from kd.distill.distiller import Distiller
 from kd.models import student
-from kd.training import checkpoint
+from kd.training import checkpoint, flops
 from kd.training.loop import (
-    Masking,
     NonFiniteLoss,
     batch_indices,
     steps_per_epoch,
@@ -78,12 +78,12 @@ def run_train(ds, tmp_path, scheme=MULTI, run=None, resume=None, **cfg):
     result = train(
         d,
         teacher,
-        ds,
+        MaskedBlocks(ds, Masking("dynamic", 3, VOCAB, 0.15)),
         cfg,
         seed=3,
         precision="fp32",
         device=torch.device("cpu"),
-        masking=Masking("dynamic", 3, VOCAB, 0.15),
+        flops_of=flops.StepFlops(d, teacher.config),
         run=run,
         ckpt_dir=tmp_path / "ckpt",
         fingerprint="fp",

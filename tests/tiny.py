@@ -93,3 +93,20 @@ def topic_folder(path, per_class: int = 30, seed: int = 0):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{i:04d}.txt").write_text(text + "\n", encoding="utf-8")
     return path
+
+
+def causal_blocks(n: int = 12, length: int = 12, vocab: int = 32) -> torch.Tensor:
+    """[n, length] token ids of full blocks for a tiny causal LM (fixed seed)."""
+    return torch.randint(2, vocab, (n, length), generator=torch.Generator().manual_seed(0))
+
+
+def write_causal_cache(path, k: int = 8) -> None:
+    """The teacher cache of :func:`causal_blocks` under ``tiny_llama(4, 32, seed=0)``."""
+    from datasets import Dataset
+
+    from kd.causal import cache
+
+    data = causal_blocks()
+    ds = Dataset.from_dict({"input_ids": data.tolist(),
+                            "attention_mask": torch.ones_like(data).tolist()})  # fmt: skip
+    cache.write(tiny_llama(layers=4, vocab=32, seed=0), ds, path, k=k)

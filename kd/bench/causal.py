@@ -42,10 +42,11 @@ import torch
 
 from kd.bench.bench import PeakRSS, matmul_peak, time_steps
 from kd.causal import divergences as D
-from kd.causal.distiller import Projections, Scheme, base_model, causal_attention_kl, terms
+from kd.causal.distiller import CausalDistiller
 from kd.causal.students import from_teacher_layers, uniform_layers
-from kd.core.params import load_params
+from kd.core.params import CausalScheme, load_params
 from kd.core.runtime import autocast, configure, effective_precision
+from kd.distill.losses import attention_kl
 
 TRL_VERSION = "1.16.0"  # the version whose private loss function trl_terms calls
 
@@ -56,8 +57,8 @@ SMOLLM2_135M = dict(
     rope_theta=100_000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
 )  # fmt: skip
 SCHEMES = {
-    "logit": Scheme(),
-    "multi": Scheme(logit=1.0, hidden=1.0, attention=1.0, embedding=1.0),
+    "logit": CausalScheme(terms={"logit": 1.0}),
+    "multi": CausalScheme(terms={"logit": 1.0, "hidden": 1.0, "attention": 1.0, "embedding": 1.0}),
 }
 
 
@@ -71,10 +72,10 @@ def forward_flops(config, tokens: int, seq_len: int) -> int:
     return 2 * tokens * per_token
 
 
-def naive_terms(student, teacher, ids, scheme: Scheme, layer_map, proj) -> dict:
+def naive_terms(student, teacher, ids, scheme: CausalScheme, layer_map, proj) -> dict:
     """The same terms the plain way: every hidden state, every attention map, full logits."""
-    want_attn = scheme.attention > 0
-    reps = scheme.needs_representations()
+    want_attn = scheme.terms.get("attention", 0) > 0
+    reps = scheme.uses_intermediate
     s = student(ids, output_hidden_states=reps, output_attentions=want_attn)
     with torch.no_grad():
         t = teacher(ids, output_hidden_states=reps, output_attentions=want_attn)
@@ -86,22 +87,22 @@ def naive_terms(student, teacher, ids, scheme: Scheme, layer_map, proj) -> dict:
     out = {"logit": D.next_token_loss(s_logits, t_logits, div, scheme.temperature)}
     if reps:
         mse = torch.nn.functional.mse_loss
-        out["embedding"] = mse(proj(0, s.hidden_states[0]), t.hidden_states[0])
+        out["embedding"] = mse(proj(s.hidden_states[0], 0), t.hidden_states[0])
         # hidden_states[k] is block k − 1's output, except the last, which HF gives after the
         # final norm (the hooks read the raw output): the hidden terms differ there, the logit
         # and attention terms agree.
         pairs = [
-            mse(proj(i + 1, s.hidden_states[i + 1]), t.hidden_states[j])
+            mse(proj(s.hidden_states[i + 1], i + 1), t.hidden_states[j])
             for i, j in enumerate(layer_map)
         ]
         out["hidden"] = torch.stack(pairs).mean()
         out["attention"] = torch.stack(
             [
-                causal_attention_kl(s.attentions[i], t.attentions[j - 1])
+                attention_kl(s.attentions[i], t.attentions[j - 1], causal=True, probs=True)
                 for i, j in enumerate(layer_map)
             ]
         ).mean()
-    out["total"] = sum(getattr(scheme, k) * v for k, v in out.items())
+    out["total"] = sum(scheme.terms[k] * v for k, v in out.items())
     return out
 
 
@@ -117,7 +118,7 @@ def trl_missing() -> str | None:
     return None
 
 
-def trl_terms(student, teacher, ids, scheme: Scheme) -> dict:
+def trl_terms(student, teacher, ids, scheme: CausalScheme) -> dict:
     """TRL's distillation loss on one batch of full blocks, as its trainer computes it: the
     backbones' last hidden states at the predicting positions, then its chunked divergence
     through both LM heads (β = 0: forward KL(teacher ‖ student), as the logit arm's)."""
@@ -127,9 +128,9 @@ def trl_terms(student, teacher, ids, scheme: Scheme) -> dict:
 
     if scheme.divergence != "forward_kl":
         raise ValueError("the TRL row compares the forward KL (β = 0)")
-    s_last = base_model(student)(input_ids=ids).last_hidden_state[:, :-1]
+    s_last = student.base_model(input_ids=ids).last_hidden_state[:, :-1]
     with torch.no_grad():
-        t_last = base_model(teacher)(input_ids=ids).last_hidden_state[:, :-1]
+        t_last = teacher.base_model(input_ids=ids).last_hidden_state[:, :-1]
     s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
     mask = torch.ones(s_last.shape[:2], device=ids.device)
     loss, _, _ = _chunked_divergence_loss(
@@ -211,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         torch.manual_seed(2)
         student = from_teacher_layers(teacher, layers).train()
-        proj = Projections(config.hidden_size, config.hidden_size, 1 + len(layers)).to(device)
-        opt = torch.optim.AdamW([*student.parameters(), *proj.parameters()], lr=1e-5)
+        distiller = CausalDistiller(student, config.hidden_size, scheme, layer_map).to(device)
+        proj = distiller.projections  # identity maps: the student keeps the teacher's width
+        opt = torch.optim.AdamW(distiller.parameters(), lr=1e-5)
         supports = {}
         if way == "project+cache":
             with torch.no_grad():
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         seen = {}
 
         def step(batch, way=way, prec=prec, student=student, proj=proj, opt=opt,
-                 supports=supports, scheme=scheme, seen=seen):  # fmt: skip
+                 supports=supports, scheme=scheme, seen=seen, distiller=distiller):  # fmt: skip
             opt.zero_grad(set_to_none=True)
             with autocast(device, prec):
                 if way == "naive":
@@ -231,8 +233,15 @@ def main(argv: list[str] | None = None) -> int:
                     out = trl_terms(student, teacher, batch, scheme)
                 else:
                     cache = supports.get(batch.data_ptr())
-                    out = terms(student, None if cache is not None else teacher, batch,
-                                scheme, layer_map, proj, cache=cache)  # fmt: skip
+                    rows = {"input_ids": batch}
+                    if cache is not None:  # the cache's rows, as a training batch carries them
+                        b, n = batch.shape[0], batch.shape[1] - 1
+                        rows |= {"topk_ids": cache.ids.view(b, n, -1),
+                                 "topk_logprobs": cache.logprobs.view(b, n, -1),
+                                 "topk_rest": cache.rest.view(b, n)}  # fmt: skip
+                    out = distiller(rows, None if cache is not None and not scheme.uses_intermediate
+                                    else teacher)  # fmt: skip
+                    out["total"] = distiller.total(out)
             out["total"].backward()
             opt.step()
             seen.setdefault(batch.data_ptr(), {k: float(v.detach()) for k, v in out.items()})
@@ -248,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             "first_batch_terms": seen[batches[0].data_ptr()],
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
-        del student, proj, opt, supports
+        del student, distiller, proj, opt, supports
 
     table = ["| arm | way | precision | step | tokens/s | × naive | peak added | MFU | "
              "logit term (batch 1) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kd.causal.distiller import base_model
 from kd.causal.divergences import TopK, top_k
 from kd.core.io import atomic_dir, read_json, write_json
 from kd.core.runtime import autocast, effective_precision
 
+KEYS = ("topk_ids", "topk_logprobs", "topk_rest")  # the cache's columns as a batch carries them
 META = "cache.json"  # k, temperature, vocabulary size, rows: what the cache was made with
 
 
@@ -44,7 +44,7 @@ def _rows(teacher, tokens, k: int, temperature: float, batch_size: int, precisio
         ids = torch.as_tensor(batch["input_ids"], device=device)
         mask = torch.as_tensor(batch["attention_mask"], device=device)
         with autocast(device, precision):
-            hidden = base_model(teacher)(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = teacher.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         logits = head(hidden[:, :-1].float())  # float32 head: logits not rounded to bf16
         support = top_k(logits.flatten(0, 1), k, temperature)
         b, positions = logits.shape[:2]
@@ -79,6 +79,16 @@ def write(teacher, tokens, out: str | Path, k: int, temperature: float = 1.0,
     return meta
 
 
+def batch_support(batch: dict[str, Tensor]) -> TopK | None:
+    """The teacher's top-k support at a batch's B · (L − 1) predicting positions, flattened in
+    the order of ``logits[:, :-1].flatten(0, 1)``, when the batch carries the cache's rows."""
+    if "topk_ids" not in batch:
+        return None
+    rest = batch.get("topk_rest")
+    return TopK(batch["topk_ids"].flatten(0, 1), batch["topk_logprobs"].flatten(0, 1),
+                None if rest is None else rest.flatten(0, 1))  # fmt: skip
+
+
 class Cache:
     """A written cache, read a batch of rows at a time."""
 
@@ -91,11 +101,16 @@ class Cache:
     def __len__(self) -> int:
         return len(self.data)
 
+    def rows(self, rows: list[int] | slice) -> dict[str, Tensor]:
+        """The rows' columns as a batch carries them: ``topk_ids`` (int64) and ``topk_logprobs``
+        [rows, L − 1, k], and ``topk_rest`` [rows, L − 1] unless k is the whole vocabulary."""
+        batch = self.data[rows]
+        out = {"topk_ids": batch["topk_ids"].long(), "topk_logprobs": batch["topk_logprobs"]}
+        if self.meta["rest"]:
+            out["topk_rest"] = batch["rest"]
+        return out
+
     def support(self, rows: list[int] | slice) -> TopK:
         """The teacher's support at the rows' positions, flattened to [rows · (L − 1), k] in
         the order of ``logits[:, :-1].flatten(0, 1)``."""
-        batch = self.data[rows]
-        ids = batch["topk_ids"].long()
-        flat = ids.shape[0] * ids.shape[1]
-        rest: Tensor | None = batch["rest"].reshape(flat) if self.meta["rest"] else None
-        return TopK(ids.reshape(flat, -1), batch["topk_logprobs"].reshape(flat, -1), rest)
+        return batch_support(self.rows(rows))

@@ -13,6 +13,8 @@ import copy
 
 from torch import nn
 
+from kd.models.parts import blocks_path
+
 
 def uniform_layers(n_teacher: int, n_student: int) -> list[int]:
     """``n_student`` of the teacher's layers, spread evenly and keeping its first and last
@@ -24,19 +26,6 @@ def uniform_layers(n_teacher: int, n_student: int) -> list[int]:
     if n_student == 1:
         return [n_teacher - 1]
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
-
-
-def blocks_path(model: nn.Module) -> str:
-    """The dotted name of the ``nn.ModuleList`` that holds the model's transformer blocks."""
-    n = model.config.num_hidden_layers
-    found = [
-        name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            f"{type(model).__name__}: expected one ModuleList of {n} blocks, found {found or 'none'}"
-        )
-    return found[0]
 
 
 def from_teacher_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:

@@ -15,11 +15,11 @@ Two kinds of trained scheme:
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kd.core import dist as kdist
 from kd.core.io import atomic_dir, read_json, write_json
 
 FLOOR = "student_init"  # the initial student, scored by evaluate_init
@@ -143,7 +143,7 @@ def writing(p, arm: str | None, part: str) -> Iterator[Outputs | None]:
             raise SystemExit(f"--arm {arm!r} is not a scheme of loss.schemes")
         yield of_arm(p, arm)
         return
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone writes
+    if kdist.rank() != 0:  # under torchrun, rank 0 alone writes
         yield None if p.loss.scheme in p.loss.arms else of_scheme(p)
         return
     with atomic_dir(p.paths.scheme / part) as tmp:

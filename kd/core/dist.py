@@ -33,6 +33,11 @@ class Dist:
 SINGLE = Dist()  # one process, no process group
 
 
+def rank() -> int:
+    """This process's rank under torchrun (0 without it), before any process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def torchrun(nproc: int) -> str:
     """The torchrun executable that starts ``nproc`` processes; one paragraph if there is none."""
     path = shutil.which("torchrun")

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -196,7 +196,21 @@ class Student(Strict):
         return self
 
 
+def _attribution_is_logged(t: Train | CausalTrain) -> None:
+    # Attributions are written in the logged rows, so they must fall on logged steps.
+    if t.attribution_every % t.log_every:
+        s = t.section
+        raise ValueError(
+            f"{s}.attribution_every={t.attribution_every} is not a multiple of "
+            f"{s}.log_every={t.log_every}: attributions are written with the logged "
+            f"rows (use e.g. {t.log_every * 5}, or 0 to turn them off)"
+        )
+
+
 class Train(Strict):
+    """The MLM arms' optimisation, read by the one training loop (kd/training/loop.py)."""
+
+    section: ClassVar[str] = "train"  # where it lives in params.yaml, for messages
     batch_size: PositiveInt = 16
     micro_batch_size: PositiveInt | None = None
     epochs: PositiveFloat = 1.0
@@ -212,14 +226,8 @@ class Train(Strict):
     attribution_every: NonNegInt = 50
 
     @model_validator(mode="after")
-    def _attribution_is_logged(self) -> Train:
-        # Attributions are written in the logged rows, so they must fall on logged steps.
-        if self.attribution_every % self.log_every:
-            raise ValueError(
-                f"train.attribution_every={self.attribution_every} is not a multiple of "
-                f"train.log_every={self.log_every}: attributions are written with the logged "
-                f"rows (use e.g. {self.log_every * 5}, or 0 to turn them off)"
-            )
+    def _check(self) -> Train:
+        _attribution_is_logged(self)
         return self
 
 
@@ -441,6 +449,10 @@ class CausalScheme(Strict):
 
 
 class CausalTrain(Strict):
+    """The causal arms' optimisation: the same loop and the same keys as ``train``, plus GKD's
+    on-policy rows. ``max_steps`` counts steps (no epochs: the default is one pass)."""
+
+    section: ClassVar[str] = "causal.train"
     batch_size: PositiveInt = 4
     max_steps: PositiveInt = 240
     lr: PositiveFloat = 1e-4
@@ -452,6 +464,14 @@ class CausalTrain(Strict):
     onpolicy: Annotated[float, Field(ge=0, le=1)] = 0.0  # GKD's λ: share of rows the student writes
     onpolicy_prompt: Annotated[int, Field(ge=1)] = 32  # tokens of a row kept as its prompt
     onpolicy_temperature: Annotated[float, Field(ge=0)] = 1.0  # 0 = greedy
+    micro_batch_size: PositiveInt | None = None
+    dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
+    attribution_every: NonNegInt = 60
+
+    @model_validator(mode="after")
+    def _check(self) -> CausalTrain:
+        _attribution_is_logged(self)
+        return self
 
 
 class CausalEvaluate(Strict):
@@ -524,20 +544,24 @@ class Params(Strict):
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
         # Checks that need two sections; each names both keys.
-        b, t = self.base, self.train
-        if t.batch_size % b.nproc:
-            raise ValueError(
-                f"train.batch_size={t.batch_size} cannot be split evenly over base.nproc="
-                f"{b.nproc} processes: make the batch size a multiple of the process count"
-            )
-        share = t.batch_size // b.nproc
-        if t.micro_batch_size is not None and share % t.micro_batch_size:
-            divisors = [d for d in range(1, share + 1) if share % d == 0]
-            raise ValueError(
-                f"train.micro_batch_size={t.micro_batch_size} does not divide the {share} rows "
-                f"each of base.nproc={b.nproc} process(es) gets per step (train.batch_size="
-                f"{t.batch_size}): pick one of {divisors}, or null for no accumulation"
-            )
+        b = self.base
+        sections = [self.train] + ([self.causal.train] if self.causal is not None else [])
+        for t in sections:
+            s = t.section
+            if t.batch_size % b.nproc:
+                raise ValueError(
+                    f"{s}.batch_size={t.batch_size} cannot be split evenly over base.nproc="
+                    f"{b.nproc} processes: make the batch size a multiple of the process count"
+                )
+            share = t.batch_size // b.nproc
+            if t.micro_batch_size is not None and share % t.micro_batch_size:
+                divisors = [d for d in range(1, share + 1) if share % d == 0]
+                raise ValueError(
+                    f"{s}.micro_batch_size={t.micro_batch_size} does not divide the {share} "
+                    f"rows each of base.nproc={b.nproc} process(es) gets per step ({s}."
+                    f"batch_size={t.batch_size}): pick one of {divisors}, or null for no "
+                    "accumulation"
+                )
         if self.model.family == "causal" and self.causal is None:
             raise ValueError(
                 "model.family is 'causal' but params.yaml has no `causal` section: copy it "

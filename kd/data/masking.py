@@ -7,6 +7,8 @@ generator so a mask never depends on who else drew random numbers before.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 IGNORE = -100  # label of positions that are not predicted (PyTorch's cross-entropy default)
@@ -43,3 +45,46 @@ def mask_tokens(
     random_ids = torch.randint(vocab_size, ids.shape, generator=generator, dtype=ids.dtype)
     ids[randomise] = random_ids[randomise]
     return ids, labels
+
+
+@dataclass(frozen=True)
+class Masking:
+    """How a batch's MLM inputs are made: the tokenize stage's fixed masks, or fresh ones."""
+
+    mode: str  # "static" | "dynamic"
+    mask_token_id: int
+    vocab_size: int
+    probability: float
+
+
+class MaskedBlocks:
+    """The MLM family's batches for the training loop (kd/training/loop.py): packed blocks of
+    the tokenize stage's Arrow split, masked by ``masking``."""
+
+    def __init__(self, ds, masking: Masking):
+        self.ds, self.masking = ds, masking
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __call__(self, indices: list[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """The global batch of ``indices``; fresh masks are drawn from ``gen`` over the whole
+        batch, so a row's masks never depend on how many processes share it."""
+        rows, masking = self.ds[indices], self.masking
+        batch = {"attention_mask": torch.as_tensor(rows["attention_mask"], dtype=torch.long)}
+        if masking.mode == "static":
+            batch["input_ids"] = torch.as_tensor(rows["mlm_input_ids"], dtype=torch.long)
+            batch["labels"] = torch.as_tensor(rows["mlm_labels"], dtype=torch.long)
+        else:
+            batch["input_ids"], batch["labels"] = mask_tokens(
+                torch.as_tensor(rows["input_ids"], dtype=torch.long),
+                torch.as_tensor(rows["special_tokens_mask"]),
+                masking.mask_token_id,
+                masking.vocab_size,
+                masking.probability,
+                gen,
+            )
+        return batch
+
+    def rows(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return {}  # nothing is read per rank: the whole batch is built above

@@ -12,23 +12,26 @@ import torch
 from torch import Tensor, nn
 from torch.nn import Parameter
 
+from kd.models import parts
+
 
 def layer_groups(
     model: nn.Module, extra: dict[str, nn.Module] | None = None
 ) -> dict[str, list[Parameter]]:
-    """Split the trainable parameters of a HF `BertForMaskedLM` into named groups.
+    """Split the trainable parameters of a transformer (an MLM encoder or a causal LM) into
+    named groups.
 
-    Groups: "embeddings", "layer_0" … "layer_{n-1}", "head" (the `cls` prediction head), one
-    group per `extra` module under its key (e.g. hidden-state projections), and "other" for any
-    remaining model parameter (e.g. a pooler), present only if non-empty. Each parameter appears
-    once, in the first group that reaches it: the decoder weight is tied to the word embeddings,
-    so it is counted under "embeddings" and left out of "head".
+    Groups: "embeddings", "layer_0" … "layer_{n-1}", "head" (BERT's ``cls`` prediction head, a
+    decoder's ``lm_head``; left out when it holds nothing of its own), one group per `extra`
+    module under its key (e.g. hidden-state projections), and "other" for any remaining model
+    parameter (a pooler, a decoder's final norm), present only if non-empty. Each parameter
+    appears once, in the first group that reaches it: a head tied to the word embeddings is
+    counted under "embeddings" and left out of "head". The parts come from kd/models/parts.py.
     """
-    bert = model.bert
-    modules: dict[str, nn.Module] = {"embeddings": bert.embeddings}
-    for i, layer in enumerate(bert.encoder.layer):
+    modules: dict[str, nn.Module] = {"embeddings": parts.embeddings(model)}
+    for i, layer in enumerate(parts.blocks(model)):
         modules[f"layer_{i}"] = layer
-    modules["head"] = model.cls
+    modules["head"] = parts.head(model)
     for name, module in (extra or {}).items():
         if name in modules or name == "other":
             raise ValueError(f"extra group name {name!r} clashes with a built-in group")
@@ -48,6 +51,8 @@ def layer_groups(
 
     for name, module in modules.items():
         groups[name] = take(module.parameters())
+    if not groups["head"]:
+        del groups["head"]
     other = take(model.parameters())
     if other:
         groups["other"] = other

@@ -1,9 +1,22 @@
-"""The distillation loop, shared by every arm: the scheme decides the terms, nothing else differs.
+"""The distillation loop, shared by every arm of every family: the scheme decides the terms, a
+family decides the batches and the forward, nothing else differs.
 
-Each step: a batch of packed blocks in a seeded order, fresh MLM masks, the teacher's targets,
-the student's terms, backward, per-layer gradient norms (before clipping), clip, AdamW, schedule.
-The randomness of step ``k`` (batch order, masks) is a pure function of (seed, k), and dropout's
-RNG state is checkpointed, so a resumed run replays exactly what an uninterrupted one does.
+Each step: the blocks of a seeded order, the family's batch of them (fresh MLM masks; next-token
+blocks with their teacher-cache rows or the student's own on-policy text), the distiller's
+terms, backward, per-layer gradient norms (before clipping), clip, AdamW, schedule. The
+randomness of step ``k`` (batch order, masks, on-policy text) is a pure function of (seed, k),
+and the RNG states are checkpointed, so a resumed run replays exactly what an uninterrupted one
+does. Under DDP every rank builds the same global batch and trains on its share of the rows.
+
+A family brings three things (kd/distill/distiller.py and kd/data/masking.py for the MLM
+family, kd/causal/distiller.py and kd/causal/batches.py for the causal one):
+
+- a distiller: an ``nn.Module`` holding ``student``, whose ``forward(batch, teacher)`` returns
+  the unweighted terms, with ``terms`` (name -> weight), ``total(terms)``,
+  ``set_progress(step, n_steps)``, ``extra_groups()`` (trainable modules besides the student)
+  and ``eager_attention`` (whether the attention maps need the eager kernel);
+- its batches (:class:`Batches`);
+- its layer groups, which kd/training/gradnorm.py finds through kd/models/parts.py.
 """
 
 from __future__ import annotations
@@ -13,10 +26,10 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
-from datasets import Dataset
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -25,11 +38,9 @@ from kd.core import dist as kdist
 from kd.core import optim
 from kd.core.dist import SINGLE, Dist
 from kd.core.dist import mean as dist_mean
-from kd.core.params import Train
+from kd.core.params import CausalTrain, Train
 from kd.core.runtime import autocast, use_training_attention
-from kd.data.masking import mask_tokens
-from kd.distill.distiller import Distiller
-from kd.training import attribution, checkpoint, flops, interrupt
+from kd.training import attribution, checkpoint, interrupt
 from kd.training.dropout import use_fast_dropout
 from kd.training.gradnorm import grad_norms, layer_groups
 
@@ -38,17 +49,18 @@ class NonFiniteLoss(SystemExit):
     pass
 
 
-def steps_per_epoch(n_blocks: int, batch_size: int) -> int:
+def steps_per_epoch(n_blocks: int, batch_size: int, section: str = "train") -> int:
     if n_blocks < batch_size:
         raise SystemExit(
-            f"the train split has {n_blocks} blocks, fewer than train.batch_size={batch_size}: "
-            "sample more documents or lower the batch size"
+            f"the train split has {n_blocks} blocks, fewer than {section}.batch_size="
+            f"{batch_size}: sample more documents (or blocks) or lower the batch size"
         )
     return n_blocks // batch_size  # drop the ragged tail: every step sees a full batch
 
 
-def total_steps(cfg: Train, n_blocks: int) -> int:
-    return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(n_blocks, cfg.batch_size)))
+def total_steps(cfg: Train | CausalTrain, n_blocks: int) -> int:
+    per_epoch = steps_per_epoch(n_blocks, cfg.batch_size, cfg.section)  # refuses too few blocks
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
 
 
 def split_batch(batch_size: int, world: int, micro_batch_size: int | None) -> tuple[int, int, int]:
@@ -85,34 +97,25 @@ def batch_indices(n_blocks: int, batch_size: int, seed: int, step: int) -> list[
     return order[k * batch_size : (k + 1) * batch_size].tolist()
 
 
-@dataclass(frozen=True)
-class Masking:
-    """How a batch's MLM inputs are made: the tokenize stage's fixed masks, or fresh ones."""
+class Batches(Protocol):
+    """A family's training batches: a global batch of blocks, and per-rank extras."""
 
-    mode: str  # "static" | "dynamic"
-    mask_token_id: int
-    vocab_size: int
-    probability: float
+    def __len__(self) -> int:
+        """The blocks of the train split."""
+
+    def __call__(self, indices: list[int], gen: torch.Generator) -> dict[str, Tensor]:
+        """The global batch of blocks ``indices`` (rows in that order), drawing any randomness
+        from ``gen``; every rank builds the same one."""
+
+    def rows(self, indices: list[int]) -> dict[str, Tensor]:
+        """What only the rows ``indices`` of this rank need (the teacher cache's rows), read
+        by each rank for its own share; {} when there is nothing of the kind."""
 
 
-def make_batch(
-    ds: Dataset, indices: list[int], masking: Masking, gen: torch.Generator
-) -> dict[str, torch.Tensor]:
-    rows = ds[indices]
-    batch = {"attention_mask": torch.as_tensor(rows["attention_mask"], dtype=torch.long)}
-    if masking.mode == "static":
-        batch["input_ids"] = torch.as_tensor(rows["mlm_input_ids"], dtype=torch.long)
-        batch["labels"] = torch.as_tensor(rows["mlm_labels"], dtype=torch.long)
-    else:
-        batch["input_ids"], batch["labels"] = mask_tokens(
-            torch.as_tensor(rows["input_ids"], dtype=torch.long),
-            torch.as_tensor(rows["special_tokens_mask"]),
-            masking.mask_token_id,
-            masking.vocab_size,
-            masking.probability,
-            gen,
-        )
-    return batch
+def token_count(batch: dict[str, Tensor]) -> int:
+    """The real tokens of a batch: its attention mask's, or every position of full blocks."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 @dataclass
@@ -145,23 +148,29 @@ class Stepper:
     accumulates micro-batches, so the optimisation does not depend on the process count.
     """
 
-    def __init__(self, distiller: Distiller, teacher: nn.Module, cfg: Train, n_steps: int,
-                 precision: str, device: torch.device, dist: Dist = SINGLE,
-                 forward: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-                 attention: str = "auto"):
+    def __init__(self, distiller: nn.Module, teacher: nn.Module | None, cfg: Train | CausalTrain,
+                 n_steps: int, precision: str, device: torch.device, dist: Dist = SINGLE,
+                 forward: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+                 attention: str = "auto"):  # fmt: skip
         # ``forward`` replaces the distiller's own forward (the benchmark's naive row uses it,
         # with its own eager models); ``attention`` is base.attention, for the student only.
+        # ``teacher`` is None when a cache stands in for it (the causal logit arm).
         self.distiller, self.teacher, self.cfg = distiller, teacher, cfg
         self.precision, self.device, self.dist = precision, device, dist
         if forward is None:
-            use_training_attention(distiller.student, attention, device)
-            # Cheaper dropout masks on the CPU (kd/training/dropout.py); the naive benchmark row keeps
-            # torch's, as the common toolkits do.
-            use_fast_dropout(distiller.student, device)
+            if distiller.eager_attention:  # the attention term reads the maps eager forms
+                distiller.student.set_attn_implementation("eager")
+            else:
+                use_training_attention(distiller.student, attention, device)
+            # Cheaper dropout masks on the CPU (kd/training/dropout.py), for the BERT family's
+            # kernels; the naive benchmark row keeps torch's, as the common toolkits do.
+            if distiller.fast_dropout:
+                use_fast_dropout(distiller.student, device)
         if cfg.dropout is not None:
             set_dropout(distiller.student, cfg.dropout)
         distiller.to(device).train()
-        teacher.to(device).eval()
+        if teacher is not None:
+            teacher.to(device).eval()
         self.opt = optim.adamw(distiller, cfg.lr, cfg.weight_decay)
         self.sched = get_linear_schedule_with_warmup(
             self.opt, min(cfg.warmup_steps, n_steps), n_steps
@@ -194,8 +203,12 @@ class Stepper:
         every = self.cfg.attribution_every
         return bool(every) and (step + 1) % every == 0 and len(self.distiller.terms) > 1
 
-    def step(self, full: dict[str, torch.Tensor], step: int = 0) -> tuple[dict, dict]:
+    def step(self, full: dict[str, Tensor], step: int = 0,
+             own: dict[str, Tensor] | None = None) -> tuple[dict, dict]:  # fmt: skip
         """Train on one global batch; returns (loss values, gradient norms), rank-averaged.
+
+        ``own`` holds what this rank read for its share of the rows alone (``Batches.rows``),
+        sliced into the micro-batches beside the global batch's rows.
 
         At attribution steps the norms also hold each term's own gradient norms per layer and
         the cosines between terms (``attr/...``), from this rank's share of the batch.
@@ -207,8 +220,9 @@ class Stepper:
         attributing, per_term = self.attributes(step), None
         for m in range(self.accum):
             lo = dist.rank * self.share + m * self.micro
-            mb = {k: v[lo : lo + self.micro].to(self.device, non_blocking=True)
-                  for k, v in full.items()}
+            mb = {k: v[lo : lo + self.micro] for k, v in full.items()}
+            mb.update({k: v[m * self.micro : (m + 1) * self.micro] for k, v in (own or {}).items()})
+            mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
             last = m == self.accum - 1
             # Gradients are all-reduced once per step, on the last micro-batch.
             sync = self.model.no_sync() if dist.active and not last else contextlib.nullcontext()
@@ -231,11 +245,12 @@ class Stepper:
         values = dist_mean({f"loss/{k}": v for k, v in zip(keys, vals, strict=True)}, dist,
                            self.device)
         if not all(math.isfinite(v) for v in values.values()):
+            s = self.cfg.section
             bad = [k for k, v in values.items() if not math.isfinite(v)]
             raise NonFiniteLoss(
                 f"the loss became non-finite at step {step} (terms: {', '.join(bad)}); the "
-                "weights were not updated and the last checkpoint is kept. Lower train.lr, "
-                "raise train.warmup_steps, or try base.precision: fp32"
+                f"weights were not updated and the last checkpoint is kept. Lower {s}.lr, "
+                f"raise {s}.warmup_steps, or try base.precision: fp32"
             )
         norms = {f"grad_norm/{k}": v for k, v in grad_norms(self.groups, self.extra).items()}
         if per_term is not None:
@@ -255,32 +270,32 @@ class Stepper:
 
 
 def train(
-    distiller: Distiller,
-    teacher: nn.Module,
-    ds: Dataset,
-    cfg: Train,
+    distiller: nn.Module,
+    teacher: nn.Module | None,
+    batches: Batches,
+    cfg: Train | CausalTrain,
     *,
     seed: int,
     precision: str,
     device: torch.device,
-    masking: Masking,
     attention: str = "auto",
     run,
     ckpt_dir,
     fingerprint: str,
     resume: dict | None = None,
     dist: Dist = SINGLE,
+    flops_of: Callable[[dict[str, Tensor]], int] | None = None,
 ) -> Result:
     """Distil for ``total_steps`` steps, logging every ``cfg.log_every``; resumable.
 
-    The rows (and the CSV made of them) hold results only: the step, tokens and model FLOPs seen
-    so far (kd/training/flops.py, from shapes), the learning rate, every loss term and gradient
-    norm. Wall time goes to MLflow (``time/...``) and ``Result.timing``.
+    The rows (and the CSV made of them) hold results only: the step, tokens and (given
+    ``flops_of``, kd/training/flops.py) model FLOPs seen so far, the learning rate, every loss
+    term and gradient norm. Wall time goes to MLflow (``time/...``) and ``Result.timing``.
     """
-    n_steps = total_steps(cfg, len(ds))
+    n_blocks = len(batches)
+    n_steps = total_steps(cfg, n_blocks)
     stepper = Stepper(distiller, teacher, cfg, n_steps, precision, device, dist,
                       attention=attention)
-    step_flops = flops.StepFlops(distiller, teacher.config)
     result = Result()
     sums: dict[str, float] = {}
     start, elapsed, tokens, flop_count = 0, 0.0, 0, 0
@@ -288,7 +303,7 @@ def train(
         distiller.load_state_dict(resume["distiller"])
         stepper.load_state_dict(resume)
         torch.set_rng_state(resume["rng_cpu"])
-        if device.type == "cuda" and resume.get("rng_cuda") is not None:
+        if device.type == "cuda" and resume.get("rng_cuda") is not None:  # fmt: skip
             torch.cuda.set_rng_state(resume["rng_cuda"])
         start, elapsed, tokens = resume["step"], resume["seconds"], resume["tokens"]
         flop_count = resume["flops"]
@@ -324,15 +339,17 @@ def train(
             while step < n_steps:
                 t0 = time.perf_counter()
                 gen = step_generator(seed, step)
-                idx = batch_indices(len(ds), cfg.batch_size, seed, step)
-                # The whole global batch is built (and masked) on every rank, then sliced: a
-                # row's masks never depend on how many processes share the batch.
-                full = make_batch(ds, idx, masking, gen)
-                values, norms = stepper.step(full, step)
+                idx = batch_indices(n_blocks, cfg.batch_size, seed, step)
+                # The whole global batch is built (masked, continued) on every rank, then
+                # sliced: a row never depends on how many processes share the batch.
+                full = batches(idx, gen)
+                mine = idx[dist.rank * stepper.share : (dist.rank + 1) * stepper.share]
+                values, norms = stepper.step(full, step, batches.rows(mine))
                 step += 1
                 elapsed += time.perf_counter() - t0
-                tokens += int(full["attention_mask"].sum())
-                flop_count += step_flops(full)
+                tokens += token_count(full)
+                if flops_of is not None:
+                    flop_count += flops_of(full)
                 for k, v in {**values, **norms}.items():
                     # attr/ values exist only at attribution steps: averaged over those (below).
                     sums[k] = sums.get(k, 0.0) + v
@@ -340,7 +357,7 @@ def train(
                     row = {
                         "step": step,
                         "tokens": tokens,
-                        "flops": flop_count,
+                        **({"flops": flop_count} if flops_of is not None else {}),
                         "lr": stepper.sched.get_last_lr()[0],
                         **values,
                         **norms,
@@ -366,9 +383,9 @@ def train(
     n_attr = sum(stepper.attributes(s) for s in range(step))
     result.summary = {
         "steps": step,
-        "epochs": step * cfg.batch_size / len(ds),
+        "epochs": step * cfg.batch_size / n_blocks,
         "tokens": tokens,
-        "flops": flop_count,
+        **({"flops": flop_count} if flops_of is not None else {}),
         **{f"mean/{k}": v / max(step, 1) for k, v in sums.items()
            if not k.startswith(attribution.PREFIX)},
         **{f"mean/{k}": v / max(n_attr, 1) for k, v in sums.items() if k.startswith(attribution.PREFIX)},
