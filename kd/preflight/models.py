@@ -15,6 +15,7 @@ from transformers import AutoConfig, BertConfig
 from kd.core.cli import first_line
 from kd.core.params import Params
 from kd.data.assets import load_tokenizer, resolve_model
+from kd.data.weights import require_intact
 from kd.distill.distiller import check_compatible
 
 # The files a saved model's weights live in (a sharded save has an index beside its shards).
@@ -51,13 +52,15 @@ def tokenizer(source: str, key: str):
 
 
 def require_weights(source: str, key: str) -> None:
-    """A local model folder must hold its weights (a hub name is checked when it is fetched)."""
+    """A local model folder must hold its weights, whole (a hub name is checked when it is
+    fetched): a file's header and size tell, without reading the weights."""
     folder = Path(resolve_model(source))
     if folder.is_dir() and not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise SystemExit(
             f"{key}: the folder '{source}' holds no model weights (none of "
             f"{', '.join(WEIGHT_FILES)}): point it at a folder saved with save_pretrained"
         )
+    require_intact(folder, key)
 
 
 def require_vocabulary(tok, cfg, key: str, source: str) -> None:
