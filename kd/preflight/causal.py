@@ -127,8 +127,7 @@ def check(p: Params) -> None:
         raise ParamsError(
             f"causal.top_k={p.causal.top_k} is more than the teacher's vocabulary of "
             f"{t.vocab_size} tokens (vocab_size in its config): the cache keeps the k most likely "
-            f"next tokens; set causal.top_k to at most {t.vocab_size} (64 by default), or 0 for "
-            "no cache"
+            f"next tokens; set causal.top_k to at most {t.vocab_size}, or 0 for no cache"
         )
     for arm in p.causal.arms:
         s = p.causal.schemes[arm]
