@@ -181,6 +181,7 @@ def test_a_missing_folder_names_the_key(tmp_path) -> None:
         (lambda c: c["student"].update(layers=[]), "causal.student.layers: is an empty list"),
         (lambda c: c["schemes"]["multi"].update(layer_map=[]), "is an empty list"),
         (lambda c: c["evaluate"].update(prompts=[""]), "causal.evaluate.prompts.0: is blank"),
+        (lambda c: c.update(train_blocks=3), "causal.train_blocks=3 is fewer than one step's"),
     ],
 )
 def test_params_that_cannot_run_are_refused(change, says) -> None:

@@ -525,6 +525,12 @@ class Causal(Strict):
                 "test texts per class: use at least 4 (500 by default), or 0 for no probe"
             )
         t = self.train
+        if self.train_blocks is not None and self.train_blocks < t.batch_size:
+            raise ValueError(
+                f"causal.train_blocks={self.train_blocks} is fewer than one step's "
+                f"causal.train.batch_size={t.batch_size} blocks: raise causal.train_blocks (or "
+                "null for every block), or lower the batch size"
+            )
         if t.onpolicy and t.onpolicy_prompt >= self.block_size:
             raise ValueError(
                 f"causal.train.onpolicy_prompt={t.onpolicy_prompt} leaves the student nothing "

@@ -36,11 +36,14 @@ def causal_max_blocks(docs: list[corpus.Document], block_size: int) -> int:
 
 
 def check_causal_blocks(p: Params, splits: dict[str, list[corpus.Document]]) -> None:
+    # Every block asked for; with null (every block), one training step's batch, or one block.
+    floor = {"train": p.causal.train.batch_size, "test": 1}
     for split in ("train", "test"):
         key, want = f"causal.{split}_blocks", getattr(p.causal, f"{split}_blocks")
         bound = causal_max_blocks(splits[split], p.causal.block_size)
-        if bound < (want or 1):
-            asks = f"{key}={want} asks for {want} blocks" if want else "one block is needed"
+        if bound < (want or floor[split]):
+            asks = (f"{key}={want} asks for {want} blocks" if want else
+                    f"{key}: null takes every block, and {floor[split]} are needed")  # fmt: skip
             raise SystemExit(
                 f"{asks}, but the {split} split's {len(splits[split])} document(s) pack into at "
                 f"most {bound} block(s) of causal.block_size={p.causal.block_size} tokens: "
