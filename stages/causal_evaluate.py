@@ -13,10 +13,10 @@ from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kd.causal import outputs
-from kd.causal.evaluate import continuations, score
+from kd.causal.evaluate import continuations, prompt_problem, score
 from kd.core import cli, runtime, tracking
 from kd.core.io import write_json
-from kd.core.params import load_params
+from kd.core.params import ParamsError, load_params
 from kd.probe import probe
 
 
@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> None:
         blocks = torch.as_tensor(load_from_disk(str(outputs.need(
             outputs.folder(p, outputs.TOKENS), "causal_tokenize")))["test"]["input_ids"])
         cfg = p.causal.evaluate
+        limits = [getattr(m.config, "max_position_embeddings", None) for m in (teacher, student)]
+        if any(limits):
+            problem = prompt_problem(tok, cfg.prompts, cfg.max_new_tokens,
+                                     min(n for n in limits if n))  # fmt: skip
+            if problem:  # check_params refuses it first; this guards a stage run on its own
+                raise ParamsError(f"causal.evaluate.prompts: {problem}")
         with tracking.start_run("causal_evaluate", arm=name, runtime=runtime.record(device),
                                 tags={"kd.family": "causal"}) as run:  # fmt: skip
             rows, summary = score(student, teacher, blocks, cfg.batch_size, device)

@@ -31,7 +31,8 @@ def main() -> None:
         dd = DatasetDict({
             split: build_split(corpus.read_split(need(p.paths.corpus / f"{split}.jsonl",
                                                       "sample_corpus")),
-                               t_tok, s_tok, p.causal.block_size, cap)
+                               t_tok, s_tok, p.causal.block_size, cap,
+                               key=f"causal.{split}_blocks")
             for split, cap in caps.items()
         })  # fmt: skip
         dd.save_to_disk(str(tmp))

@@ -35,8 +35,21 @@ def test_build_split_checks_both_tokenizers() -> None:
         tokens.build_split(docs, tok, other, block=4)
     with pytest.raises(SystemExit, match="EOS"):
         tokens.build_split(docs, word_tokenizer(words, eos=False), tok, block=4)
-    with pytest.raises(SystemExit, match="fewer than 100 tokens"):
+    with pytest.raises(SystemExit, match="hold 8 tokens, fewer than one block of causal.block_si"):
         tokens.build_split(docs, tok, tok, block=100)
+
+
+def test_a_split_with_fewer_blocks_than_asked_is_refused_exactly_enough_is_not() -> None:
+    """Training would loop over the few blocks there are, silently (issue 23)."""
+    tok = word_tokenizer(["the", "cat", "sat", "on", "mat"])
+    docs = [Document("a", "the cat sat"), Document("b", "on the mat")]  # 2 blocks of 4
+    assert len(tokens.build_split(docs, tok, tok, block=4, max_blocks=2)) == 2
+    with pytest.raises(SystemExit) as err:
+        tokens.build_split(docs, tok, tok, block=4, max_blocks=3, key="causal.train_blocks")
+    says = str(err.value)
+    assert says.startswith("causal.train_blocks=3 asks for 3 blocks, but the split's 2 document(s)")
+    assert "only 2 block(s) of causal.block_size=4" in says
+    assert "lower causal.train_blocks to at most 2" in says and "corpus.n_docs" in says
 
 
 def test_a_padded_vocabulary_is_fine_a_short_one_is_not() -> None:

@@ -82,6 +82,70 @@ def test_bad_value_names_the_dotted_key(raw, dotted, value) -> None:
     assert repr(value) in msg  # shows what it got
 
 
+SEEDS = ["base.seed", "corpus.seed", "teacher.seed", "tokenize.mask_seed", "probe.seed"]
+
+
+@pytest.mark.parametrize("dotted", SEEDS)
+@pytest.mark.parametrize("value", [2**32, -1])
+def test_a_seed_no_generator_takes_is_refused(raw, dotted, value) -> None:
+    # numpy's np.random.seed (kd/core/runtime.py) takes 0 <= seed < 2**32 only.
+    msg = _error(_broken(raw, dotted, value))
+    assert f"- {dotted}:" in msg and ("4294967296" in msg or "greater than or equal to 0" in msg)
+
+
+@pytest.mark.parametrize("dotted", SEEDS)
+def test_the_largest_seed_is_accepted(raw, dotted) -> None:
+    Params.model_validate(_broken(raw, dotted, 2**32 - 1))
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "says"),
+    [
+        ("loss.schemes.multi.layer_map", [], "loss.schemes.multi.layer_map: is an empty list"),
+        ("causal.student.layers", [], "causal.student.layers: is an empty list"),
+        ("causal.schemes.multi.layer_map", [], "causal.schemes.multi.layer_map: is an empty list"),
+        ("causal.evaluate.prompts", ["Once", " "], "causal.evaluate.prompts.1: is blank"),
+        ("loss.schemes.multi.terms", {}, "loss.schemes.multi.terms: lists no term"),
+        ("causal.schemes.logit.terms", {}, "causal.schemes.logit.terms: lists no term"),
+    ],
+)
+def test_an_empty_list_is_one_problem_naming_the_key(raw, dotted, value, says) -> None:
+    msg = _error(_broken(raw, dotted, value))
+    assert "1 problem(s)" in msg and says in msg  # not one error per branch of a union
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("train:\n  lr: 0.1\nbase:\n  seed: 0\ntrain:\n  lr: 0.3\n",
+         "the key train is given twice (lines 1 and 5)"),
+        ("train:\n  lr: 0.1\n  lr: 0.2\n", "the key train.lr is given twice (lines 2 and 3)"),
+        ("causal:\n  schemes:\n    logit:\n      terms: {logit: 1.0, logit: 2.0}\n",
+         "the key causal.schemes.logit.terms.logit is given twice"),
+    ],
+)
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path, text, says) -> None:
+    """PyYAML keeps the last of two equal keys silently; DVC refuses the file. The gate must
+    refuse it too, or it validates other params than the ones DVC would see."""
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    assert says in str(info.value) and str(path) in str(info.value)
+    assert "delete one of them" in str(info.value)
+
+
+def test_the_repository_params_have_no_key_twice() -> None:
+    load_params(REPO_PARAMS)  # also: YAML anchors and merges stay allowed
+
+
+def test_a_merge_key_is_not_a_duplicate(tmp_path) -> None:
+    from kd.core.params import _duplicate_key
+
+    text = "a: &x {k: 1}\nb:\n  <<: *x\n  j: 2\nc:\n  <<: *x\n  <<: *x\n"
+    assert _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader)) is None
+
+
 def test_scheme_outside_the_arms_is_trained_besides_them(raw) -> None:
     ok = _broken(raw, "loss.scheme", "minilm")
     p = Params.model_validate(ok)

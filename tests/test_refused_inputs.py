@@ -35,6 +35,8 @@ class Case:
     what: str  # the bad input, in a user's words
     change: Callable[[Path, dict], None]  # (project folder, params) -> None, in place
     says: tuple[str, ...]  # fragments the message must hold: the key or file, and the fix
+    status: int | None = None  # 2: a params.yaml mistake (ParamsError), 1: anything else
+    text: str = ""  # appended to params.yaml as written (what a dict cannot hold)
 
 
 def _set(**dotted):
@@ -93,6 +95,40 @@ def _one_class_probe(root: Path, raw: dict) -> None:
     raw["probe"]["folder"] = str(folder.parent)
 
 
+def _cut_teacher(root: Path, raw: dict) -> None:
+    """teacher.source: a copy of the tiny teacher whose weights file was cut short."""
+    _teacher_folder(("config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json"))(root, raw)  # fmt: skip
+    weights = Path(raw["teacher"]["source"]) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _causal(**dotted):
+    """model.family: causal on a small random Llama (4 blocks, 2 heads, 64 words, 64 positions)
+    with a word tokenizer, valid as it stands; then ``dotted`` keys as in :func:`_set`."""
+
+    def change(root: Path, raw: dict) -> None:
+        from tiny import tiny_llama, word_tokenizer
+
+        folder = root / "llama"
+        if not folder.exists():
+            tiny_llama(layers=4, vocab=64).save_pretrained(folder)
+            word_tokenizer(["the", "a", "of"]).save_pretrained(folder)
+        raw["model"]["family"] = "causal"
+        raw["causal"].update(teacher=str(folder), block_size=16, train_blocks=24, test_blocks=4,
+                             student={"layers": 2, "config": None})  # fmt: skip
+        _set(**dotted)(root, raw)
+
+    return change
+
+
+def _causal_cut(root: Path, raw: dict) -> None:
+    _causal()(root, raw)
+    cut = shutil.copytree(root / "llama", root / "llama-cut")
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:-100])
+    raw["causal"]["teacher"] = str(cut)
+
+
 def _no_torchrun(root: Path, raw: dict) -> None:
     raw["base"]["nproc"] = 2
     os.environ["PATH"] = str(root)  # restored by the test's monkeypatch
@@ -114,13 +150,43 @@ CASES = [
          ("teacher.source", "no/such/teacher", "does not exist")),
     Case("seq_over_positions", "tokenize.max_seq_length beyond the teacher's 512 positions",
          _set(tokenize__max_seq_length=1024),
-         ("tokenize.max_seq_length=1024", "512 positions", "at most 512")),
+         ("tokenize.max_seq_length=1024", "512 positions", "at most 512"), 2),
     Case("probe_seq_over_positions", "probe.max_seq_length beyond the models' positions",
-         _set(probe__max_seq_length=2048), ("probe.max_seq_length=2048", "at most 512")),
+         _set(probe__max_seq_length=2048), ("probe.max_seq_length=2048", "at most 512"), 2),
+    # --- the causal family (model.family: causal)
+    Case("causal_layers_empty", "causal.student.layers: []", _causal(causal__student__layers=[]),
+         ("causal.student.layers", "empty list", "give a count of blocks"), 2),
+    Case("causal_layers_past_teacher", "causal.student.layers names a block the teacher lacks",
+         _causal(causal__student__layers=[1, 9]),
+         ("causal.student.layers=[1, 9]", "teacher's 4", "lower it"), 2),
+    Case("causal_config_heads", "a config student whose head count does not divide its width",
+         _causal(causal__student={"layers": None, "config": {"num_attention_heads": 3}}),
+         ("causal.student.config", "multiple of num_attention_heads 3"), 2),
+    Case("causal_top_k_over_vocab", "causal.top_k above the teacher's vocabulary",
+         _causal(causal__top_k=100), ("causal.top_k=100", "vocabulary of 64", "at most 64"), 2),
+    Case("causal_prompt_over_positions", "an evaluation prompt and its continuation beyond the "
+         "teacher's positions", _causal(causal__evaluate__max_new_tokens=60),
+         ("causal.evaluate.prompts", "prompt 0", "64 (max_position_embeddings)",
+          "lower max_new_tokens"), 2),
+    Case("causal_blocks_beyond_corpus", "causal.train_blocks above what the corpus can pack",
+         _causal(causal__train_blocks=100_000),
+         ("causal.train_blocks=100000", "lower causal.train_blocks (below",
+          "sample more text"), 1),
+    Case("causal_teacher_weights_cut", "causal.teacher whose weights file was cut short",
+         _causal_cut, ("causal.teacher", "model.safetensors",
+                                                "copy or download the model again"), 1),
     Case("layer_map_past_teacher", "a layer map names a teacher layer that does not exist",
-         _set(loss__schemes__multi__layer_map=[1, 9]), ("loss.schemes.multi", "layer")),
+         _set(loss__schemes__multi__layer_map=[1, 9]), ("loss.schemes.multi", "layer"), 2),
+    Case("layer_map_decreasing", "a layer map that goes back to a shallower teacher layer",
+         _set(loss__schemes__multi__layer_map=[2, 1]),
+         ("loss.schemes.multi", "decreases at student layer 2", "layer_map: uniform"), 2),
+    Case("layer_map_empty", "an empty layer map", _set(loss__schemes__multi__layer_map=[]),
+         ("loss.schemes.multi.layer_map", "empty list", "or use uniform"), 2),
     Case("heads_differ", "the attention term with a student of another head count",
-         _set(student__num_attention_heads=4), ("student.num_attention_heads", "heads")),
+         _set(student__num_attention_heads=4), ("student.num_attention_heads", "heads"), 2),
+    Case("teacher_weights_cut", "teacher.source whose weights file was cut short",
+         _cut_teacher, ("teacher.source", "model.safetensors", "header declares",
+                        "copy or download the model again"), 1),
     # --- params.yaml: numbers and rules across sections
     Case("lr_infinite", "train.lr: .inf", _set(train__lr=float("inf")),
          ("train.lr", "finite number")),
@@ -142,6 +208,13 @@ CASES = [
     Case("unknown_scheme", "loss.scheme names no scheme", _set(loss__scheme="nope"),
          ("loss.scheme", "define it under loss.schemes")),
     Case("misspelt_key", "a misspelt key", _set(train__lrr=1e-3), ("train.lrr", "spelling")),
+    Case("key_twice", "a section given twice in params.yaml", _set(),
+         ("the key train is given twice (lines", "delete one of them"), 2,
+         text="train:\n  lr: 0.1\n"),
+    Case("seed_too_large", "base.seed: 4294967296 (numpy takes seeds below 2**32)",
+         _set(base__seed=2**32), ("base.seed", "less than 4294967296"), 2),
+    Case("seed_negative", "base.seed: -1", _set(base__seed=-1),
+         ("base.seed", "greater than or equal to 0"), 2),
     # --- the machine
     Case("cuda_without_gpu", "base.device: cuda on a machine without one",
          _set(base__device="cuda"), ("base.device", "set base.device: auto")),
@@ -180,9 +253,10 @@ def project(tmp_path, monkeypatch, tiny_teacher_dir, tiny_text_corpus):
     return tmp_path, raw
 
 
-def refusal(root: Path, raw: dict, capsys) -> tuple[object, str]:
-    """(exit status, what the user sees) of the check_params gate on ``raw``."""
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+def refusal(root: Path, raw: dict, capsys, text: str = "") -> tuple[object, str]:
+    """(exit status, what the user sees) of the check_params gate on ``raw`` (and ``text``
+    appended to its params.yaml)."""
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False) + text)
     capsys.readouterr()
     with pytest.raises(SystemExit) as caught:
         cli.run(preflight_main)
@@ -206,12 +280,22 @@ def test_bad_input_is_refused_with_the_key_and_the_fix(case, project, capsys) ->
         pytest.skip("one core: base.nproc: 2 is refused for the cores first")
     root, raw = project
     case.change(root, raw)
-    code, seen = refusal(root, raw, capsys)
+    code, seen = refusal(root, raw, capsys, case.text)
     print(f"| {case.what} | {' '.join(str(seen).split())} |")  # the README's row (pytest -s)
     assert code not in (0, None)
+    if case.status is not None:  # SystemExit(message) is printed by Python and exits 1
+        assert (1 if isinstance(code, str) else code) == case.status, code
     for fragment in case.says:
         assert fragment in seen, f"{fragment!r} not in:\n{seen}"
     assert not (root / "data" / "params.ok").exists()
+
+
+def test_the_valid_causal_project_passes(project) -> None:
+    root, raw = project
+    _causal()(root, raw)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    cli.run(preflight_main)
+    assert (root / "data" / "params.ok").exists()
 
 
 def test_a_params_error_exits_2_and_other_refusals_1(project, capsys) -> None:

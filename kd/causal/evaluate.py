@@ -32,6 +32,23 @@ def score(student: nn.Module, teacher: nn.Module, blocks: Tensor, batch_size: in
     return rows, summarize(batches)
 
 
+def prompt_problem(tokenizer, prompts: list[str], max_new_tokens: int, positions: int
+                   ) -> str | None:  # fmt: skip
+    """Why the prompts and their continuations of ``max_new_tokens`` cannot fit a model's
+    ``positions``, or None: past its positions a model's continuation is noise, silently."""
+    for i, prompt in enumerate(prompts):
+        n = len(tokenizer(prompt).input_ids)
+        if n + max_new_tokens > positions:
+            return (
+                f"prompt {i} ({prompt[:40]!r}…) is {n} tokens, and with causal.evaluate."
+                f"max_new_tokens={max_new_tokens} its continuation needs {n + max_new_tokens} "
+                f"positions, but the models have {positions} (max_position_embeddings): shorten "
+                f"the prompt to at most {max(positions - max_new_tokens, 0)} tokens, or lower "
+                "max_new_tokens"
+            )
+    return None
+
+
 @torch.no_grad()
 def continuations(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int,
                   device: torch.device) -> list[str]:  # fmt: skip

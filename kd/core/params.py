@@ -19,6 +19,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -30,6 +31,30 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
+# numpy's legacy seeding (np.random.seed, kd/core/runtime.py) takes 0 <= seed < 2**32; every seed
+# shares that bound so that a seed params accept is one every generator accepts.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
+def _not_empty(fix: str) -> BeforeValidator:
+    """Refuse an empty list before a union tries its other branches (one error, not one per
+    branch): an empty list of layers would reach max() or a loop over nothing."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError(f"is an empty list: {fix}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _text(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is blank: give it some text, or remove it from the list")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
 
 
 def _held_out(fraction: float) -> float:
@@ -68,6 +93,8 @@ def _check_terms(terms: dict[str, float], known: tuple[str, ...], what: str, lis
     unknown = sorted(set(terms) - set(known))
     if unknown:
         raise ValueError(f"unknown {what} {unknown}: {listed} are {list(known)}")
+    if not terms:
+        raise ValueError(f"lists no term: weight at least one of {list(known)}")
     if not any(w > 0 for w in terms.values()):
         raise ValueError("every term weight is 0: give at least one term a positive weight")
     return terms
@@ -96,7 +123,7 @@ class Strict(BaseModel):
 
 
 class Base(Strict):
-    seed: NonNegInt = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["bf16", "fp32"] = "bf16"
     attention: Literal["auto", "sdpa", "eager"] = "auto"
@@ -125,7 +152,7 @@ class Paths(Strict):
 
 
 class Corpus(Strict):
-    seed: NonNegInt = 0
+    seed: Seed = 0
     source: Literal["wiki_offline", "hf", "text"] = "wiki_offline"
     hf_name: str = "wikimedia/wikipedia"
     hf_config: str | None = "20231101.en"
@@ -163,13 +190,13 @@ class Tokenize(Strict):
     student_tokenizer: str | None = None
     max_seq_length: Annotated[int, Field(ge=8, le=4096)] = 128
     mlm_probability: Fraction = 0.15
-    mask_seed: NonNegInt = 1234
+    mask_seed: Seed = 1234
     num_proc: PositiveInt = 1
 
 
 class Teacher(Strict):
     source: str = "default"
-    seed: NonNegInt = 0
+    seed: Seed = 0
     adapt_steps: NonNegInt = 400
     lr: PositiveFloat = 6e-4
     batch_size: PositiveInt = 16
@@ -257,7 +284,10 @@ class Scheme(Strict):
     logit_positions: Literal["masked", "all"] = "masked"
     attention_target: Literal["probs", "scores"] = "probs"
     projection: Literal["per_layer", "shared"] = "per_layer"
-    layer_map: Literal["uniform"] | list[PositiveInt] = "uniform"
+    layer_map: Annotated[
+        Literal["uniform"] | list[PositiveInt],
+        _not_empty("list one 1-based teacher layer per student layer, or use uniform"),
+    ] = "uniform"
     ab_margin: PositiveFloat = 1.0  # μ of the activation_boundary term (Heo et al. 2019)
     temperature_schedule: Schedule | None = None  # null = constant `temperature`
     weight_schedules: dict[str, Schedule] = Field(default_factory=dict)  # term -> schedule
@@ -351,7 +381,7 @@ class Probe(Strict):
     label_column: str = "label"
     max_examples: Annotated[int, Field(ge=4)] | None = None  # stratified subsample; None = all
     test_fraction: TestFraction = 0.2
-    seed: NonNegInt = 0  # the split, the subsample and the fine-tune; never base.seed
+    seed: Seed = 0  # the split, the subsample and the fine-tune; never base.seed
     max_seq_length: Annotated[int, Field(ge=8, le=4096)] = 128
     batch_size: PositiveInt = 64  # texts per forward for features and held-out predictions
     linear_c: PositiveFloat = 1.0  # inverse L2 strength of the logistic regression
@@ -407,7 +437,10 @@ class CausalStudent(Strict):
     """The causal student: a subset of the teacher's blocks (``layers``), or a random model of
     the teacher's class with some config fields changed (``config``)."""
 
-    layers: PositiveInt | list[PositiveInt] | None = 15
+    layers: Annotated[
+        PositiveInt | list[PositiveInt] | None,
+        _not_empty("give a count of blocks, or at least one 1-based teacher block number"),
+    ] = 15
     config: dict[str, PositiveInt] | None = None
 
     @model_validator(mode="after")
@@ -434,7 +467,10 @@ class CausalScheme(Strict):
     beta: Annotated[float, Field(gt=0, lt=1)] = 0.5  # jsd's mixture weight (GKD)
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.1  # the skew KLs' skew (DistiLLM)
     temperature: PositiveFloat = 1.0
-    layer_map: Literal["auto"] | list[PositiveInt] = "auto"
+    layer_map: Annotated[
+        Literal["auto"] | list[PositiveInt],
+        _not_empty("list one 1-based teacher block per student block, or use auto"),
+    ] = "auto"
     # The embedding and hidden terms: TinyBERT's MSE over the teacher's mean square, or plain
     representation_loss: Literal["relative_mse", "mse"] = "relative_mse"
 
@@ -476,7 +512,7 @@ class CausalTrain(Strict):
 
 class CausalEvaluate(Strict):
     batch_size: PositiveInt = 4
-    prompts: list[str] = Field(min_length=1)
+    prompts: list[Text] = Field(min_length=1)
     max_new_tokens: PositiveInt = 24
 
 
@@ -509,6 +545,12 @@ class Causal(Strict):
                 "test texts per class: use at least 4 (500 by default), or 0 for no probe"
             )
         t = self.train
+        if self.train_blocks is not None and self.train_blocks < t.batch_size:
+            raise ValueError(
+                f"causal.train_blocks={self.train_blocks} is fewer than one step's "
+                f"causal.train.batch_size={t.batch_size} blocks: raise causal.train_blocks (or "
+                "null for every block), or lower the batch size"
+            )
         if t.onpolicy and t.onpolicy_prompt >= self.block_size:
             raise ValueError(
                 f"causal.train.onpolicy_prompt={t.onpolicy_prompt} leaves the student nothing "
@@ -621,15 +663,46 @@ def parse_params(raw: dict, source: Path | str = "params.yaml") -> Params:
     return params
 
 
+def _duplicate_key(node: yaml.Node, prefix: str = "") -> str | None:
+    """The first key given twice in one mapping of the composed YAML ``node``, as a sentence.
+
+    PyYAML keeps the last value silently while DVC's own parser refuses the file, so the gate
+    and DVC would disagree about what params.yaml says."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat
+                continue
+            if key in seen:
+                return (f"the key {prefix}{key} is given twice (lines {seen[key]} and {line}); "
+                        "YAML would keep only the last silently and DVC refuses the file: "
+                        "delete one of them, or merge them into one")  # fmt: skip
+            seen[key] = line
+            found = _duplicate_key(value_node, f"{prefix}{key}.")
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _duplicate_key(item, f"{prefix}{i}.")
+            if found:
+                return found
+    return None
+
+
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """Read and validate params.yaml (relative to the working directory, where DVC runs stages)."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path} not found: run from the repository root, where params.yaml is")
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text())
+        duplicate = _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader))
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    if duplicate:
+        raise ParamsError(f"{path}: {duplicate}")
     if raw is not None and not isinstance(raw, dict):
         raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
     return parse_params(raw, path)

@@ -12,12 +12,15 @@ from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
 from kd.core.params import Student
 from kd.data.assets import resolve_model
+from kd.data.weights import require_intact
 
 
 def build(cfg: Student, vocab_size: int, max_seq_length: int, seed: int):
     """A TinyBERT-shaped BertForMaskedLM (or the checkpoint ``cfg.checkpoint``), on the CPU."""
     if cfg.checkpoint:
-        model = AutoModelForMaskedLM.from_pretrained(resolve_model(cfg.checkpoint))
+        where = resolve_model(cfg.checkpoint, "student.checkpoint")
+        require_intact(where, "student.checkpoint")
+        model = AutoModelForMaskedLM.from_pretrained(where)
         if model.config.vocab_size != vocab_size:
             raise SystemExit(
                 f"the student checkpoint '{cfg.checkpoint}' has a vocabulary of "

@@ -27,11 +27,12 @@ from kd.core import optim, runtime
 from kd.core.params import Base, Teacher
 from kd.data.assets import resolve_model
 from kd.data.masking import IGNORE, mask_tokens
+from kd.data.weights import require_intact
 
 LOG_EVERY = 10  # steps between MLflow rows during adaptation
 
 
-def load_teacher(source: str) -> tuple[nn.Module, bool]:
+def load_teacher(source: str, key: str = "teacher.source") -> tuple[nn.Module, bool]:
     """Load ``source`` as a masked-LM model; return (model in float32, whether it has an MLM head).
 
     The head counts as missing when any weight outside the base model (``cls.*`` for BERT) was
@@ -43,10 +44,12 @@ def load_teacher(source: str) -> tuple[nn.Module, bool]:
     # transformers prints a long load report (and calls a headless checkpoint "corrupted"); we
     # report the one fact that matters, the missing head, ourselves.
     verbosity = hf_logging.get_verbosity()
+    where = resolve_model(source, key)
+    require_intact(where, key)  # a cut weights file: one paragraph, not safetensors' error
     hf_logging.set_verbosity_error()
     try:
         model, info = AutoModelForMaskedLM.from_pretrained(
-            resolve_model(source), output_loading_info=True, dtype=torch.float32
+            where, output_loading_info=True, dtype=torch.float32
         )
     finally:
         hf_logging.set_verbosity(verbosity)

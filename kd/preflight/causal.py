@@ -1,7 +1,10 @@
 """What the causal family's params and its teacher's config can tell, before any causal stage runs
 (checked only with model.family: causal): the teacher is a causal LM whose config is readable (for
-the offline default, that its packages are installed), the blocks fit its positions, the
-student's layers or config fit the teacher, and each arm's layer map and head counts fit both."""
+the offline default, that its packages are installed; a local folder's weights are whole), the
+student's layers or config fit the teacher, the blocks, the probe's texts and each evaluation
+prompt with its continuation fit both models' positions, the cache's top-k fits the vocabulary,
+and each arm's layer map and head counts fit both. A mistake that only params.yaml can fix is a
+ParamsError (exit 2)."""
 
 from __future__ import annotations
 
@@ -9,10 +12,11 @@ from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from kd.causal import teacher as causal_teacher
+from kd.causal.evaluate import prompt_problem
 from kd.core.cli import first_line
-from kd.core.params import Params
+from kd.core.params import Params, ParamsError
 from kd.data.assets import DEFAULT
-from kd.preflight.models import config, require_positions, require_weights
+from kd.preflight.models import config, positions, require_fits, require_weights
 
 
 def teacher_config(source: str):
@@ -47,7 +51,7 @@ def student_shape(p: Params, t) -> tuple[int, int, int]:
     if s.layers is not None:
         picked = [s.layers] if isinstance(s.layers, int) else s.layers
         if max(picked) > n:
-            raise SystemExit(
+            raise ParamsError(
                 f"causal.student.layers={s.layers} asks for more blocks than the teacher's {n} "
                 f"(1-based numbers, a count at most {n}): lower it"
             )
@@ -55,41 +59,88 @@ def student_shape(p: Params, t) -> tuple[int, int, int]:
         return count, t.hidden_size, t.num_attention_heads
     unknown = sorted(k for k in s.config if not hasattr(t, k))
     if unknown:
-        raise SystemExit(
+        raise ParamsError(
             f"causal.student.config: the teacher's {type(t).__name__} has no field(s) "
             f"{', '.join(unknown)}: use its config's names (hidden_size, num_hidden_layers, "
             "num_attention_heads, num_key_value_heads, intermediate_size)"
+        )
+    vocab = s.config.get("vocab_size", t.vocab_size)
+    if vocab != t.vocab_size:
+        raise ParamsError(
+            f"causal.student.config.vocab_size={vocab}: the student shares the teacher's "
+            f"tokenizer and its {t.vocab_size} next-token logits: remove vocab_size"
         )
     shape = {k: s.config.get(k, getattr(t, k)) for k in
              ("num_hidden_layers", "hidden_size", "num_attention_heads")}  # fmt: skip
     heads, width = shape["num_attention_heads"], shape["hidden_size"]
     kv = s.config.get("num_key_value_heads", getattr(t, "num_key_value_heads", heads))
     if width % heads or heads % kv:
-        raise SystemExit(
+        raise ParamsError(
             f"causal.student.config: hidden_size {width} must be a multiple of "
             f"num_attention_heads {heads}, and that of num_key_value_heads {kv}: adjust them"
         )
     return shape["num_hidden_layers"], width, heads
 
 
+def check_positions(p: Params, t) -> None:
+    """Everything the causal models read must fit the positions of both (a config student may
+    have fewer): the blocks, the probe's texts, and each prompt with its continuation."""
+    c = p.causal
+    models = {"the causal teacher": positions(t),
+              "the causal student": (c.student.config or {}).get("max_position_embeddings")}
+    for model, n in models.items():
+        require_fits(c.block_size, "causal.block_size", n, model)
+        if c.probe_examples:
+            require_fits(p.probe.max_seq_length, "probe.max_seq_length", n, model)
+    limit = min((n for n in models.values() if n), default=None)
+    if limit is None:
+        return
+    e = c.evaluate
+    # Byte-level and word-level tokenizers make at most one token per UTF-8 byte, so a prompt
+    # whose bytes fit needs no tokenizer (the default teacher's takes seconds to load).
+    margin = 4  # special tokens a tokenizer may add (BOS, a leading "▁" piece)
+    if all(len(text.encode()) + margin + e.max_new_tokens <= limit for text in e.prompts):
+        return
+    problem = prompt_problem(teacher_tokenizer(c.teacher), e.prompts, e.max_new_tokens, limit)
+    if problem:
+        raise ParamsError(f"causal.evaluate.prompts: {problem}")
+
+
+def teacher_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    where, extra = causal_teacher.locate(source)
+    try:
+        return AutoTokenizer.from_pretrained(where, **extra)
+    except (OSError, ValueError, TypeError) as err:
+        raise SystemExit(f"causal.teacher: cannot load a tokenizer from '{source}' "
+                         f"({first_line(err)}): save the tokenizer beside the model") from None
+
+
 def check(p: Params) -> None:
     if p.model.family != "causal":
         return
     t = teacher_config(p.causal.teacher)
-    require_positions(p.causal.block_size, "causal.block_size", t, "the causal teacher")
+    check_positions(p, t)
     blocks, _, heads = student_shape(p, t)
+    if p.causal.top_k > t.vocab_size:
+        raise ParamsError(
+            f"causal.top_k={p.causal.top_k} is more than the teacher's vocabulary of "
+            f"{t.vocab_size} tokens (vocab_size in its config): the cache keeps the k most likely "
+            f"next tokens; set causal.top_k to at most {t.vocab_size}, or 0 for no cache"
+        )
     for arm in p.causal.arms:
         s = p.causal.schemes[arm]
         key = f"causal.schemes.{arm}"
         if isinstance(s.layer_map, list):
             if len(s.layer_map) != blocks or max(s.layer_map) > t.num_hidden_layers:
-                raise SystemExit(
+                raise ParamsError(
                     f"{key}.layer_map {s.layer_map} must name one teacher block (1 to "
                     f"{t.num_hidden_layers}) for each of the student's {blocks} blocks: fix it, "
                     "or use auto"
                 )
         if s.terms.get("attention", 0) > 0 and heads != t.num_attention_heads:
-            raise SystemExit(
+            raise ParamsError(
                 f"{key}: the attention term compares attention maps head by head, but the "
                 f"student has {heads} heads and the teacher {t.num_attention_heads}: give the "
                 "student the teacher's head count, or drop the attention term"

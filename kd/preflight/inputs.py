@@ -26,10 +26,40 @@ def max_blocks(docs: list[corpus.Document], max_seq_length: int) -> int:
     return math.ceil(tokens / (max_seq_length - 2))
 
 
+def causal_max_blocks(docs: list[corpus.Document], block_size: int) -> int:
+    """An upper bound on the causal blocks causal_tokenize can pack from ``docs``: at most one
+    token per UTF-8 byte (no special tokens are added), plus each document's EOS and, for a
+    SentencePiece tokenizer, a leading piece; the last partial block is dropped. So a bound below
+    what params ask for proves the split too small without tokenizing it (the stage's exact
+    count, kd/causal/tokens.py, refuses the rest)."""
+    return sum(len(d.text.encode("utf-8")) + 2 for d in docs) // block_size
+
+
+def check_causal_blocks(p: Params, splits: dict[str, list[corpus.Document]]) -> None:
+    # Every block asked for; with null (every block), one training step's batch, or one block.
+    floor = {"train": p.causal.train.batch_size, "test": 1}
+    for split in ("train", "test"):
+        key, want = f"causal.{split}_blocks", getattr(p.causal, f"{split}_blocks")
+        bound = causal_max_blocks(splits[split], p.causal.block_size)
+        if bound < (want or floor[split]):
+            asks = (f"{key}={want} asks for {want} blocks" if want else
+                    f"{key}: null takes every block, and {floor[split]} are needed")  # fmt: skip
+            raise SystemExit(
+                f"{asks}, but the {split} split's {len(splits[split])} document(s) pack into at "
+                f"most {bound} block(s) of causal.block_size={p.causal.block_size} tokens: "
+                + (f"lower {key} (below {bound + 1}; causal_tokenize counts them exactly), or "
+                   if want and bound else "")  # fmt: skip
+                + "sample more text (corpus.n_docs / corpus.n_words, a larger corpus, or "
+                "corpus.test_fraction for the test split)"
+            )
+
+
 def check_corpus(p: Params) -> None:
     if p.corpus.source == "hf":
         return
     splits = corpus.sample(p.corpus, p.corpus.seed)
+    if p.model.family == "causal":
+        check_causal_blocks(p, splits)
     train, test = splits["train"], splits["test"]
     need = p.train.batch_size
     bound = max_blocks(train, p.tokenize.max_seq_length)

@@ -1,9 +1,10 @@
 """What the models' configs and tokenizers can tell before any weights are read.
 
 Each model named in params (the teacher, a student checkpoint, the tokenizers) is opened by its
-config and tokenizer only: fast, and enough to refuse a folder that holds no weights, a tokenizer
-that is not the model's, a sequence longer than the model's positions, or a layer map or head
-count a scheme cannot use.
+config and tokenizer only: fast, and enough to refuse a folder that holds no weights or a cut
+weights file (its header and size tell, kd/data/weights.py), a tokenizer that is not the model's,
+a sequence longer than the model's positions, or a layer map or head count a scheme cannot use.
+The last two only params.yaml can fix: they are ParamsErrors (exit 2).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pathlib import Path
 from transformers import AutoConfig, BertConfig
 
 from kd.core.cli import first_line
-from kd.core.params import Params
+from kd.core.params import Params, ParamsError
 from kd.data.assets import load_tokenizer, resolve_model
+from kd.data.weights import require_intact
 from kd.distill.distiller import check_compatible
 
 # The files a saved model's weights live in (a sharded save has an index beside its shards).
@@ -51,13 +53,15 @@ def tokenizer(source: str, key: str):
 
 
 def require_weights(source: str, key: str) -> None:
-    """A local model folder must hold its weights (a hub name is checked when it is fetched)."""
+    """A local model folder must hold its weights, whole (a hub name is checked when it is
+    fetched): a file's header and size tell, without reading the weights."""
     folder = Path(resolve_model(source))
     if folder.is_dir() and not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise SystemExit(
             f"{key}: the folder '{source}' holds no model weights (none of "
             f"{', '.join(WEIGHT_FILES)}): point it at a folder saved with save_pretrained"
         )
+    require_intact(folder, key)
 
 
 def require_vocabulary(tok, cfg, key: str, source: str) -> None:
@@ -78,9 +82,13 @@ def positions(cfg) -> int | None:
 
 
 def require_positions(length: int, length_key: str, cfg, model: str) -> None:
-    n = positions(cfg)
+    require_fits(length, length_key, positions(cfg), model)
+
+
+def require_fits(length: int, length_key: str, n: int | None, model: str) -> None:
+    """``length`` tokens fit ``model``'s ``n`` positions (None: no limit); else a params error."""
     if n is not None and length > n:
-        raise SystemExit(
+        raise ParamsError(
             f"{length_key}={length} is longer than the {n} positions of {model} "
             f"(max_position_embeddings in its config): set {length_key} to at most {n}"
         )
@@ -133,5 +141,5 @@ def check(p: Params) -> None:
     for arm in p.loss.trained:
         try:
             check_compatible(student, teacher, p.loss.schemes[arm])
-        except SystemExit as err:
-            raise SystemExit(f"loss.schemes.{arm}: {err}") from None
+        except SystemExit as err:  # a layer map or head count only params.yaml can fix
+            raise ParamsError(f"loss.schemes.{arm}: {err}") from None
