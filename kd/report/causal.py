@@ -50,6 +50,12 @@ def metrics(evals: Mapping[str, Mapping], trains: Mapping[str, Mapping]) -> dict
     return out
 
 
+def headline(metrics_: Mapping[str, Mapping], arm: str) -> dict:
+    """The exported arm's numbers, as its model card and registry entry read them: its entry of
+    causal.json, its name as ``scheme`` and the teacher's perplexity beside them."""
+    return {"scheme": arm, **metrics_[arm], "teacher_perplexity": metrics_[TEACHER]["perplexity"]}
+
+
 def comparisons(schemes: Mapping[str, Mapping[str, float]], batches: Mapping[str, Sequence],
                 trains: Mapping[str, Mapping]) -> list[dict]:  # fmt: skip
     """Each (logit-only arm, multi-loss arm): the held-out KL difference per batch (multi −
