@@ -7,7 +7,9 @@ gradient norm per layer (the seed's Figure 5); for each (logit-only, multi-loss)
 per-batch held-out KL difference with a 95 % paired interval over the test batches and the
 verdict of the seed's claim "the multi-loss arm has the lower logit loss" (one seed: the
 interval is over batches, not seeds), and the same for the mean gradient norm. Last, each
-prompt's greedy continuation by the teacher, the initial student and every arm, side by side.
+prompt's greedy continuation by the teacher, the initial student and every arm, side by side;
+and the exported arm's numbers for its model card and registry entry (kd/report/card.py,
+registry.py).
 """
 
 from __future__ import annotations

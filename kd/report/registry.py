@@ -28,13 +28,13 @@ class Entry:
     metric_tags: tuple[str, ...]  # headline keys tagged on each version
 
 
-# Version tags: the experiment's identity and the headline numbers (data/metrics/eval.json).
+# Version tags: the experiment's identity and the headline numbers (the MLM family's
+# data/metrics/eval.json; the headline arm's entry of data/metrics/causal.json).
 MLM = Entry("kd-student", "fill-mask", ["The capital of France is [MASK]."],
             ("test/logit_kl_t1", "test/mlm_top1", "test/agreement", "probe_linear_acc"))
-# ... and the headline arm's entry of data/metrics/causal.json.
 CAUSAL = Entry("kd-causal-student", "text-generation", ["The history of the Roman Empire"],
                ("perplexity", "kl_t1", "top1_agreement", "probe_linear_acc"))
-NAME, EXAMPLE, METRIC_TAGS = MLM.name, MLM.example, MLM.metric_tags
+NAME, EXAMPLE, METRIC_TAGS = MLM.name, MLM.example, MLM.metric_tags  # the MLM family's
 ALIAS = "newest"  # MLflow reserves "latest"
 
 
