@@ -1,5 +1,7 @@
-"""causal_report: the causal experiment's report.md and its headline metrics
-(data/metrics/causal.json, beside the MLM family's in `dvc exp show`)."""
+"""causal_report: the causal experiment's report.md, its headline metrics
+(data/metrics/causal.json, beside the MLM family's in `dvc exp show`), and the export: the
+causal.scheme arm's student as a save_pretrained folder with its model card, registered in
+MLflow."""
 
 from __future__ import annotations
 
@@ -9,16 +11,18 @@ from kd.causal import outputs
 from kd.core import cli, tracking
 from kd.core.io import read_json, write_json
 from kd.core.params import load_params
-from kd.report import causal
+from kd.report import card, causal, registry, report
 
 
 def main() -> None:
     p = load_params()
     if not outputs.active(p):
         write_json(outputs.metrics(p), outputs.note_text(p.model.family))
-    with outputs.writing(p, outputs.folder(p, "report")) as tmp:
-        if tmp is None:
-            return
+        for name in (outputs.REPORT, outputs.DISTILLED):
+            with outputs.writing(p, outputs.folder(p, name)):
+                pass  # each out holds the note
+        return
+    with outputs.writing(p, outputs.folder(p, outputs.REPORT)) as tmp:
         arms = p.causal.arms
         names = [outputs.FLOOR, *arms]
         where = {n: outputs.need(outputs.evaluation(p, n), "causal_evaluate"
@@ -51,11 +55,26 @@ def main() -> None:
         headline = causal.metrics(evals, trains)
         write_json(tmp / "comparison.json", {"metrics": headline, "compared": compared})
         write_json(outputs.metrics(p), headline)
+        arm, dest = p.causal.headline, outputs.folder(p, outputs.DISTILLED)
+        head = causal.headline(headline, arm)
+
+        def model_card(model) -> str:
+            return card.causal_card(
+                head, p.causal.schemes[arm], p.causal.teacher, model.config.to_dict(),
+                model.num_parameters(), student, trains[arm], tokens, p.causal.block_size,
+            )  # fmt: skip
+
         with tracking.start_run("causal_report", tags={"kd.family": "causal"}) as run:
             run.log_metrics({f"{m}/{k}": v for m, d in headline.items() for k, v in d.items()
                              if isinstance(v, float | int)})  # fmt: skip
             run.log_artifact(tmp / "report.md")
+            report.export(outputs.arm(p, arm), dest, model_card, "AutoModelForCausalLM",
+                          (outputs.folder(p, outputs.STUDENT_INIT) / "kd_student.json",))
+            version = registry.register(run, dest, head, registry.CAUSAL)
     print(text)
+    print(f"headline {arm}: model in {dest}"
+          + (f", registered in MLflow as {registry.CAUSAL.name} version {version}"
+             if version else ""))
 
 
 if __name__ == "__main__":

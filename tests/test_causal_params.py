@@ -176,6 +176,8 @@ def test_a_missing_folder_names_the_key(tmp_path) -> None:
          "unknown causal loss term"),
         (lambda c: c["schemes"]["logit"].update(divergence="kl"), "divergence"),
         (lambda c: c.update(arms=["logit", "nope"]), "causal.arms names 'nope'"),
+        (lambda c: c.update(scheme="nope"), "causal.scheme is 'nope', which is not a causal arm"),
+        (lambda c: c.update(arms=["multi"]), "causal.scheme is 'logit'"),  # a scheme, not an arm
         (lambda c: c["train"].update(onpolicy=0.5, onpolicy_prompt=200), "onpolicy_prompt=200"),
         (lambda c: c["train"].update(lr=float("inf")), "finite"),
         (lambda c: c["student"].update(layers=[]), "causal.student.layers: is an empty list"),
@@ -197,3 +199,9 @@ def test_the_causal_family_needs_its_section() -> None:
     del raw["causal"]
     with pytest.raises(ParamsError, match="no `causal` section"):
         parse_params(raw)
+
+
+def test_the_headline_arm_is_causal_scheme_or_the_first_arm() -> None:
+    assert parse_params(causal_raw()).causal.headline == "logit"
+    assert parse_params(causal_raw(scheme="multi")).causal.headline == "multi"
+    assert parse_params(causal_raw(scheme=None, arms=["multi", "logit"])).causal.headline == "multi"

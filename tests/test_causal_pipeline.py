@@ -127,6 +127,11 @@ def test_outputs_hold_what_the_report_says(causal_run) -> None:
     report = (data / "report" / "report.md").read_text()
     assert "## Held-out scores" in report and "paired interval" in report
     assert report.count("| teacher |") == 3  # the score table and both prompts' continuations
+    # The causal.scheme arm (logit) exported, its card naming the blocks it kept.
+    assert (data / "distilled" / "model.safetensors").read_bytes() == (
+        data / "train" / "logit" / "model.safetensors").read_bytes()
+    card = yaml.safe_load((data / "distilled" / "README.md").read_text().split("---")[1])
+    assert card["distillation"]["kept_teacher_blocks"] == [1, 4]
 
 
 def test_every_causal_stage_declares_the_params_it_reads(causal_run) -> None:

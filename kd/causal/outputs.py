@@ -19,6 +19,7 @@ from kd.core.io import atomic_dir, read_json, write_json
 
 NOTE = "note.json"
 TEACHER, STUDENT_INIT, TOKENS, CACHE = "teacher", "student_init", "tokens", "cache"
+REPORT, DISTILLED = "report", "distilled"  # causal_report's: report.md, the exported student
 FLOOR = "student_init"  # the initial student's name among the evaluated models
 
 

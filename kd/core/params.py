@@ -526,6 +526,9 @@ class Causal(Strict):
     student: CausalStudent = CausalStudent()
     train: CausalTrain = CausalTrain()
     arms: list[str] = Field(default_factory=lambda: ["logit", "multi"], min_length=1)
+    # The arm whose student is the causal study's result (exported and registered by
+    # causal_report), as loss.scheme is the MLM family's; null: the first arm.
+    scheme: str | None = None
     schemes: dict[str, CausalScheme]
     evaluate: CausalEvaluate
 
@@ -539,6 +542,12 @@ class Causal(Strict):
                 )
         if len(set(self.arms)) != len(self.arms):
             raise ValueError(f"causal.arms lists an arm twice: {self.arms}")
+        # Unlike loss.scheme, no stage trains a causal scheme that is not an arm.
+        if self.scheme is not None and self.scheme not in self.arms:
+            raise ValueError(
+                f"causal.scheme is '{self.scheme}', which is not a causal arm: add it to "
+                f"causal.arms or use one of {self.arms} (null: the first)"
+            )
         if 0 < self.probe_examples < 4:
             raise ValueError(
                 f"causal.probe_examples={self.probe_examples} cannot be split into train and "
@@ -566,6 +575,11 @@ class Causal(Strict):
                     f"causal.top_k: 0 to run the teacher at every step"
                 )
         return self
+
+    @property
+    def headline(self) -> str:
+        """The arm whose student is exported: causal.scheme, or the first arm."""
+        return self.scheme or self.arms[0]
 
 
 class Params(Strict):

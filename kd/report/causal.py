@@ -7,7 +7,9 @@ gradient norm per layer (the seed's Figure 5); for each (logit-only, multi-loss)
 per-batch held-out KL difference with a 95 % paired interval over the test batches and the
 verdict of the seed's claim "the multi-loss arm has the lower logit loss" (one seed: the
 interval is over batches, not seeds), and the same for the mean gradient norm. Last, each
-prompt's greedy continuation by the teacher, the initial student and every arm, side by side.
+prompt's greedy continuation by the teacher, the initial student and every arm, side by side;
+and the exported arm's numbers for its model card and registry entry (kd/report/card.py,
+registry.py).
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ def metrics(evals: Mapping[str, Mapping], trains: Mapping[str, Mapping]) -> dict
                 "mean_grad_norm": sum(norms) / len(norms) if norms else None,
             })  # fmt: skip
     return out
+
+
+def headline(metrics_: Mapping[str, Mapping], arm: str) -> dict:
+    """The exported arm's numbers, as its model card and registry entry read them: its entry of
+    causal.json, its name as ``scheme`` and the teacher's perplexity beside them."""
+    return {"scheme": arm, **metrics_[arm], "teacher_perplexity": metrics_[TEACHER]["perplexity"]}
 
 
 def comparisons(schemes: Mapping[str, Mapping[str, float]], batches: Mapping[str, Sequence],

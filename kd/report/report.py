@@ -562,20 +562,24 @@ def markdown(arms: list[Arm], headline: str, figs: list[Path], floor: Arm | None
     return "\n".join(lines)
 
 
-def export(student_dir: Path, dest: Path, card=None) -> None:
-    """Save the headline student (weights, tokenizer, its kd_config.json) to ``dest``, with the
-    model card ``card(model)`` returns as its README.md (kd/report/card.py)."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+def export(student_dir: Path, dest: Path, card=None, auto: str = "AutoModelForMaskedLM",
+           files: tuple[Path, ...] | None = None) -> None:
+    """Save the headline student (weights, tokenizer, ``files``: by default its kd_config.json)
+    to ``dest``, with the model card ``card(model)`` returns as its README.md
+    (kd/report/card.py). ``auto`` is the transformers class that loads it."""
+    import transformers
 
-    model = AutoModelForMaskedLM.from_pretrained(student_dir)
-    tok = AutoTokenizer.from_pretrained(student_dir)
+    model = getattr(transformers, auto).from_pretrained(student_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(student_dir)
+    if files is None:
+        files = tuple(f for f in [student_dir / "kd_config.json"] if f.exists())
     with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if card is not None:
             (tmp / "README.md").write_text(card(model), encoding="utf-8")
-        if (student_dir / "kd_config.json").exists():
-            shutil.copy(student_dir / "kd_config.json", tmp / "kd_config.json")
+        for f in files:
+            shutil.copy(f, tmp / f.name)
 
 
 # --- the downstream probe (stages/probe.py) ------------------------------------------------
