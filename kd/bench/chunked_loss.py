@@ -37,8 +37,16 @@ def _available_gib() -> float:
     raise RuntimeError("MemAvailable not in /proc/meminfo")
 
 
-def _one(way: str, n: int, divergence: str, chunk: int, device: str, limit_gib: float,
-         hidden_size: int = HIDDEN, vocab: int = VOCAB) -> dict:
+def _one(
+    way: str,
+    n: int,
+    divergence: str,
+    chunk: int,
+    device: str,
+    limit_gib: float,
+    hidden_size: int = HIDDEN,
+    vocab: int = VOCAB,
+) -> dict:
     """One forward + backward of one way at n positions, in this process."""
     import resource
 
