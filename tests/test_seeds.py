@@ -67,7 +67,7 @@ def test_paired_difference_against_the_formula():
     assert d["mean"] == pytest.approx(1.5) and d["sd"] == pytest.approx(math.sqrt(1 / 3))
     assert d["t"] == pytest.approx(3 * math.sqrt(3))
     assert d["p"] == pytest.approx(1 - 2 / math.pi * (3 / 10 + math.atan(3)))  # 0.013847
-    assert d["half_width"] == pytest.approx(3.182446305 * math.sqrt(1 / 3) / 2)
+    assert d["half_width"] == pytest.approx(3.182446305 * math.sqrt(1 / 3) / 2)  # t_{0.975,3}, tables
 
 
 def test_paired_skips_seeds_missing_either_value():
@@ -206,7 +206,20 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
         "test/logit_kl_t1": "reversed",
         "mean_grad_norm": "holds",
     }
-    assert "| mean_grad_norm | 0.05207 ± 0.00975 | 0.001889 | 3 | higher | **holds** |" in md
+    # The row worked out from the three differences, not copied from a run: mean ± t_{0.975,2}·sd/√3,
+    # and the paired t-test's two-sided p from the closed-form CDF of Student's t with 2 degrees
+    # of freedom, F(t) = 1/2 + t / (2√(2 + t²)), so p = 1 − t/√(2 + t²).
+    d = [0.1088 - 0.0556, 0.1033 - 0.0556, 0.1091 - 0.0538]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    half = T_975_2 * sd / math.sqrt(3)
+    t = mean / (sd / math.sqrt(3))
+    p = 1 - t / math.sqrt(2 + t**2)
+    got = pair["metrics"]["mean_grad_norm"]
+    assert (got["mean"], got["sd"], got["half_width"]) == pytest.approx((mean, sd, half), rel=1e-9)
+    assert (got["t"], got["p"]) == pytest.approx((t, p), rel=1e-6)
+    assert (mean, half, p) == pytest.approx((0.05207, 0.00975, 0.001889), rel=1e-3)  # by hand
+    assert f"| mean_grad_norm | {mean:.4g} ± {half:.4g} | {p:.4g} | 3 | higher | **holds** |" in md
     assert "multi has a lower train logit loss than logit: **reversed**" in md
     assert "skipped spumy-tuts (seed 13): failed" in md
     assert md in printed
@@ -299,7 +312,9 @@ def test_the_causal_family_pairs_the_causal_arms_over_seeds() -> None:
     result = seeds.aggregate(sel, family=seeds.CAUSAL)
     assert list(result["arms"]) == ["logit", "multi"]  # neither the teacher nor the floor
     pair = result["pairs"]["multi_vs_logit"]
-    assert pair["metrics"]["kl_t1"]["mean"] == pytest.approx(0.5333, abs=1e-4)
+    # multi − logit per seed: 8.5 − 8.0, 8.7 − 8.1, 8.4 − 7.9
+    assert pair["metrics"]["kl_t1"]["diffs"] == pytest.approx([0.5, 0.6, 0.5])
+    assert pair["metrics"]["kl_t1"]["mean"] == pytest.approx(1.6 / 3)
     assert pair["claims"]["kl_t1"]["verdict"] == seeds.REVERSED
     assert pair["claims"]["mean_grad_norm"]["verdict"] == seeds.HOLDS
     assert "# The causal experiment over 3 seeds" in seeds.markdown(result)

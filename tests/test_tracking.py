@@ -275,6 +275,11 @@ def test_dvc_experiments_track_into_the_parent_repo(git_dvc_repo) -> None:
     assert "temp-exp" in shown and "queued-exp" in shown
 
 
+def _system_metrics(run_id: str) -> list[str]:
+    metrics = _client().get_run(run_id).data.metrics
+    return [k for k in metrics if k.startswith("system/cpu_utilization")]
+
+
 def test_datasets_are_logged_as_run_inputs_and_long_stages_sample_the_system(monkeypatch):
     import time
 
@@ -287,10 +292,15 @@ def test_datasets_are_logged_as_run_inputs_and_long_stages_sample_the_system(mon
     with tracking.start_run("train", arm="logit", system_metrics=True) as run:
         run.log_dataset(docs, "corpus/train", "data/corpus/train.jsonl", "training")
         run.log_dataset(blocks, "tokens/train", "data/tokens/train", "training")
-        time.sleep(2.5)
+        # The monitor samples every second, on its own thread: wait for its first logged sample
+        # (a deadline, not a fixed sleep that a loaded machine can outlast).
+        deadline = time.monotonic() + 60
+        while not _system_metrics(run.run_id):
+            assert time.monotonic() < deadline, "no system metrics logged within 60 s"
+            time.sleep(0.1)
     got = _client().get_run(run.run_id)
     inputs = {d.dataset.name: d for d in got.inputs.dataset_inputs}
     assert set(inputs) == {"corpus/train", "tokens/train"}
     assert [t.value for t in inputs["corpus/train"].tags] == ["training"]
     assert inputs["tokens/train"].dataset.digest
-    assert any(k.startswith("system/cpu_utilization") for k in got.data.metrics), got.data.metrics
+    assert _system_metrics(run.run_id), got.data.metrics

@@ -37,7 +37,16 @@ def _available_gib() -> float:
     raise RuntimeError("MemAvailable not in /proc/meminfo")
 
 
-def _one(way: str, n: int, divergence: str, chunk: int, device: str, limit_gib: float) -> dict:
+def _one(
+    way: str,
+    n: int,
+    divergence: str,
+    chunk: int,
+    device: str,
+    limit_gib: float,
+    hidden_size: int = HIDDEN,
+    vocab: int = VOCAB,
+) -> dict:
     """One forward + backward of one way at n positions, in this process."""
     import resource
 
@@ -53,10 +62,11 @@ def _one(way: str, n: int, divergence: str, chunk: int, device: str, limit_gib: 
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    hidden = torch.randn(n, HIDDEN, device=dev)
-    weight = (torch.randn(VOCAB, HIDDEN, device=dev) / HIDDEN**0.5).requires_grad_(True)
+    hidden = torch.randn(n, hidden_size, device=dev)
+    weight = (torch.randn(vocab, hidden_size, device=dev) / hidden_size**0.5).requires_grad_(True)
     teacher = TeacherHead(
-        torch.randn(n, HIDDEN, device=dev), torch.randn(VOCAB, HIDDEN, device=dev) / HIDDEN**0.5
+        torch.randn(n, hidden_size, device=dev),
+        torch.randn(vocab, hidden_size, device=dev) / hidden_size**0.5,
     )
     div = D.divergence(divergence)
 
@@ -99,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--divergence", default="jsd", help="a name in kd.causal.divergences (jsd)")
     ap.add_argument("--chunk", type=int, default=256, help="positions per block (256)")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    # Smaller widths keep the same O(N·V) against O(chunk·V) comparison quick (the test's).
+    ap.add_argument("--hidden", type=int, default=HIDDEN, help=f"hidden size ({HIDDEN})")
+    ap.add_argument("--vocab", type=int, default=VOCAB, help=f"vocabulary ({VOCAB})")
     ap.add_argument("--out", default="data/bench/chunked_loss.json")
     ap.add_argument(
         "--limit-gib",
@@ -118,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.chunk,
                     args.device,
                     args.limit_gib,
+                    args.hidden,
+                    args.vocab,
                 )
             )
         )
@@ -128,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         for way in ("unchunked", "chunked"):
             cmd = [sys.executable, "-m", "kd.bench.chunked_loss", "--one", way, str(n),
                    "--divergence", args.divergence, "--chunk", str(args.chunk), "--device", args.device,
-                   "--limit-gib", str(args.limit_gib)]  # fmt: skip
+                   "--limit-gib", str(args.limit_gib), "--hidden", str(args.hidden),
+                   "--vocab", str(args.vocab)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 last = (out.stderr.strip().splitlines() or ["killed"])[-1]
@@ -162,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "divergence": args.divergence, "chunk": args.chunk, "device": args.device,
-        "hidden": HIDDEN, "vocab": VOCAB, "limit_gib": args.limit_gib, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "hidden": args.hidden, "vocab": args.vocab, "limit_gib": args.limit_gib, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "rows": rows, "table": table,
     }  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

