@@ -16,12 +16,10 @@ from kd.core.params import load_params
 
 def main() -> None:
     p = load_params()
-    with outputs.writing(p, outputs.folder(p, outputs.CACHE)) as tmp:
-        if tmp is None:
-            return
+    with outputs.writing(outputs.folder(p, outputs.CACHE)) as tmp:
         if not p.causal.top_k:
-            write_json(tmp / outputs.NOTE, {"family": "causal", "note": "causal.top_k is 0: "
-                                            "the arms run the teacher at every step"})
+            write_json(tmp / "cache.json", {"k": 0, "note": "causal.top_k is 0: the arms run the "
+                                           "teacher at every step"})
             print("causal.top_k is 0: no cache")
             return
         device = runtime.setup_unseeded(p.base)  # every seed reuses the cache

@@ -42,9 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     p = load_params()
     name = outputs.FLOOR if args.init else args.arm
-    with outputs.writing(p, outputs.evaluation(p, name)) as tmp:
-        if tmp is None:
-            return
+    with outputs.writing(outputs.evaluation(p, name)) as tmp:
         # Unseeded: scoring, greedy decoding and the probe (probe.seed) draw nothing from
         # base.seed, so the initial student's evaluation is reused by every seed.
         device = runtime.setup_unseeded(p.base)

@@ -13,9 +13,7 @@ from kd.models.student import n_params, weights_hash
 
 def main() -> None:
     p = load_params()
-    with outputs.writing(p, outputs.folder(p, outputs.STUDENT_INIT)) as tmp:
-        if tmp is None:
-            return
+    with outputs.writing(outputs.folder(p, outputs.STUDENT_INIT)) as tmp:
         runtime.configure(p.base.threads)
         where = outputs.need(outputs.folder(p, outputs.TEACHER), "causal_teacher")
         teacher = AutoModelForCausalLM.from_pretrained(where)

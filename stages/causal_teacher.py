@@ -16,9 +16,7 @@ from kd.models.student import n_params
 
 def main() -> None:
     p = load_params()
-    with outputs.writing(p, outputs.folder(p, outputs.TEACHER)) as tmp:
-        if tmp is None:
-            return
+    with outputs.writing(outputs.folder(p, outputs.TEACHER)) as tmp:
         runtime.configure(p.base.threads)
         source = {"source": p.causal.teacher}
         if p.causal.teacher == DEFAULT:

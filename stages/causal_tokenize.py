@@ -16,9 +16,7 @@ from kd.data import corpus
 
 def main() -> None:
     p = load_params()
-    with outputs.writing(p, outputs.folder(p, outputs.TOKENS)) as tmp:
-        if tmp is None:
-            return
+    with outputs.writing(outputs.folder(p, outputs.TOKENS)) as tmp:
         runtime.configure()
         teacher = outputs.need(outputs.folder(p, outputs.TEACHER), "causal_teacher")
         student = outputs.need(outputs.folder(p, outputs.STUDENT_INIT), "causal_student")

@@ -30,16 +30,13 @@ def main(argv: list[str] | None = None) -> None:
     if kdist.rank() != 0:  # under torchrun, rank 0 alone writes
         run_stage(p, arm, None)
         return
-    with outputs.writing(p, outputs.arm(p, arm)) as tmp:
-        if tmp is not None:
-            run_stage(p, arm, tmp)
+    with outputs.writing(outputs.arm(p, arm)) as tmp:
+        run_stage(p, arm, tmp)
 
 
 def run_stage(p, arm: str, out) -> None:
     if arm not in p.causal.schemes:
         raise SystemExit(f"--arm {arm!r} is not a scheme of causal.schemes")
-    if not outputs.active(p):
-        return  # a rank > 0 with the family off: rank 0 writes the note
     scheme, cfg = p.causal.schemes[arm], p.causal.train
     device, _ = runtime.setup(p.base)
     dist, device = kdist.init(device)

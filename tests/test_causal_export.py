@@ -52,7 +52,6 @@ def fake_causal_outputs(root) -> None:
 
 def write_params(root, **causal) -> None:
     raw = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
-    raw["model"]["family"] = "causal"
     raw["paths"] = {"metrics": str(root / "data" / "metrics"), "causal": str(root / "data" / "causal")}
     raw["causal"].update(block_size=16, top_k=8, **causal)
     raw["causal"]["evaluate"]["prompts"] = [PROMPT]
@@ -129,20 +128,6 @@ def test_it_is_registered_tagged_aliased_and_loads_back(exported) -> None:
     generate = mlflow.transformers.load_model(f"models:/{name}@{registry.ALIAS}")
     (out,) = generate(PROMPT, max_new_tokens=2, do_sample=False)
     assert out["generated_text"].startswith(PROMPT)
-
-
-def test_with_the_causal_family_off_the_export_is_a_note(tmp_path, monkeypatch) -> None:
-    from stages import causal_report
-
-    write_params(tmp_path)
-    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    raw["model"]["family"] = "mlm"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    monkeypatch.chdir(tmp_path)
-    causal_report.main()
-    data = tmp_path / "data" / "causal"
-    assert sorted(p.name for p in (data / "distilled").iterdir()) == ["note.json"]
-    assert sorted(p.name for p in (data / "report").iterdir()) == ["note.json"]
 
 
 @pytest.mark.parametrize(("source", "base"), [

@@ -17,7 +17,6 @@ RAW = yaml.safe_load((REPO / "params.yaml").read_text())
 
 def causal_raw(**causal) -> dict:
     raw = copy.deepcopy(RAW)
-    raw["model"]["family"] = "causal"
     raw["probe"]["max_seq_length"] = 32  # the probe's texts fit the small Llama's 64 positions
     for key, value in causal.items():
         raw["causal"][key] = value
@@ -48,10 +47,12 @@ def refused_params(raw) -> str:
     return str(err.value)
 
 
-def test_the_repository_params_are_valid_and_the_mlm_family_checks_nothing_causal() -> None:
+def test_the_repository_params_are_valid_and_the_causal_gate_needs_its_section() -> None:
     p = parse_params(copy.deepcopy(RAW))
-    assert p.model.family == "mlm" and p.causal.arms == ["logit", "multi"]
-    preflight.check(p)  # returns without reading any causal model
+    assert p.causal.arms == ["logit", "multi"]
+    raw = copy.deepcopy(RAW)
+    del raw["causal"]
+    assert "no `causal` section" in refused_params(raw)
 
 
 def test_a_small_llama_folder_passes(llama_dir) -> None:
@@ -192,13 +193,6 @@ def test_params_that_cannot_run_are_refused(change, says) -> None:
     with pytest.raises(ParamsError) as err:
         parse_params(raw)
     assert says in str(err.value)
-
-
-def test_the_causal_family_needs_its_section() -> None:
-    raw = causal_raw()
-    del raw["causal"]
-    with pytest.raises(ParamsError, match="no `causal` section"):
-        parse_params(raw)
 
 
 def test_the_headline_arm_is_causal_scheme_or_the_first_arm() -> None:

@@ -27,6 +27,7 @@ import yaml
 
 from kd.core import cli
 from kd.preflight.__main__ import main as preflight_main
+from kd.preflight.causal import main as causal_main
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def _cut_teacher(root: Path, raw: dict) -> None:
 
 
 def _causal(**dotted):
-    """model.family: causal on a small random Llama (4 blocks, 2 heads, 64 words, 64 positions)
+    """The causal pipeline's params on a small random Llama (4 blocks, 2 heads, 64 words, 64 positions)
     with a word tokenizer, valid as it stands; then ``dotted`` keys as in :func:`_set`."""
 
     def change(root: Path, raw: dict) -> None:
@@ -114,7 +115,6 @@ def _causal(**dotted):
         if not folder.exists():
             tiny_llama(layers=4, vocab=64).save_pretrained(folder)
             word_tokenizer(["the", "a", "of"]).save_pretrained(folder)
-        raw["model"]["family"] = "causal"
         raw["causal"].update(teacher=str(folder), block_size=16, train_blocks=24, test_blocks=4,
                              student={"layers": 2, "config": None})  # fmt: skip
         _set(**dotted)(root, raw)
@@ -153,7 +153,7 @@ CASES = [
          ("tokenize.max_seq_length=1024", "512 positions", "at most 512"), 2),
     Case("probe_seq_over_positions", "probe.max_seq_length beyond the models' positions",
          _set(probe__max_seq_length=2048), ("probe.max_seq_length=2048", "at most 512"), 2),
-    # --- the causal family (model.family: causal)
+    # --- the causal pipeline's gate (causal_check_params, kd/preflight/causal.py)
     Case("causal_layers_empty", "causal.student.layers: []", _causal(causal__student__layers=[]),
          ("causal.student.layers", "empty list", "give a count of blocks"), 2),
     Case("causal_layers_past_teacher", "causal.student.layers names a block the teacher lacks",
@@ -219,7 +219,8 @@ CASES = [
     Case("cuda_without_gpu", "base.device: cuda on a machine without one",
          _set(base__device="cuda"), ("base.device", "set base.device: auto")),
     Case("nproc_beyond_cores", "base.nproc: 64 on a machine with fewer cores",
-         _set(base__nproc=64, train__batch_size=64), ("base.nproc=64", "at most")),
+         _set(base__nproc=64, train__batch_size=64, causal__train__batch_size=64),
+         ("base.nproc=64", "at most")),
     Case("nproc_without_torchrun", "base.nproc: 2 where torchrun is not on PATH",
          _no_torchrun, ("base.nproc=2", "torchrun", "base.nproc: 1")),
     # --- the inputs
@@ -253,13 +254,14 @@ def project(tmp_path, monkeypatch, tiny_teacher_dir, tiny_text_corpus):
     return tmp_path, raw
 
 
-def refusal(root: Path, raw: dict, capsys, text: str = "") -> tuple[object, str]:
-    """(exit status, what the user sees) of the check_params gate on ``raw`` (and ``text``
-    appended to its params.yaml)."""
+def refusal(root: Path, raw: dict, capsys, text: str = "", gate=preflight_main
+            ) -> tuple[object, str]:  # fmt: skip
+    """(exit status, what the user sees) of the check_params gate (or ``gate``) on ``raw`` (and
+    ``text`` appended to its params.yaml)."""
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False) + text)
     capsys.readouterr()
     with pytest.raises(SystemExit) as caught:
-        cli.run(preflight_main)
+        cli.run(gate)
     code = caught.value.code
     seen = code if isinstance(code, str) else capsys.readouterr().err
     return code, seen
@@ -280,7 +282,8 @@ def test_bad_input_is_refused_with_the_key_and_the_fix(case, project, capsys) ->
         pytest.skip("one core: base.nproc: 2 is refused for the cores first")
     root, raw = project
     case.change(root, raw)
-    code, seen = refusal(root, raw, capsys, case.text)
+    causal = case.id.startswith("causal_")  # the causal pipeline's own gate
+    code, seen = refusal(root, raw, capsys, case.text, causal_main if causal else preflight_main)
     print(f"| {case.what} | {' '.join(str(seen).split())} |")  # the README's row (pytest -s)
     assert code not in (0, None)
     if case.status is not None:  # SystemExit(message) is printed by Python and exits 1
@@ -288,14 +291,15 @@ def test_bad_input_is_refused_with_the_key_and_the_fix(case, project, capsys) ->
     for fragment in case.says:
         assert fragment in seen, f"{fragment!r} not in:\n{seen}"
     assert not (root / "data" / "params.ok").exists()
+    assert not (root / "data" / "causal" / "params.ok").exists()
 
 
 def test_the_valid_causal_project_passes(project) -> None:
     root, raw = project
     _causal()(root, raw)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    cli.run(preflight_main)
-    assert (root / "data" / "params.ok").exists()
+    cli.run(causal_main)
+    assert (root / "data" / "causal" / "params.ok").exists()
 
 
 def test_a_params_error_exits_2_and_other_refusals_1(project, capsys) -> None:

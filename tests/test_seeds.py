@@ -284,30 +284,34 @@ def test_each_experiment_is_read_from_its_own_commit(git_dvc_repo) -> None:
 # --- the causal family -------------------------------------------------------------------------
 
 
-def causal_row(rev, seed, kl, grad, family="causal", **params) -> Row:
-    """A row whose data/metrics/causal.json holds the given held-out KL and gradient norms."""
-    p = {"base.seed": seed, "model.family": family, "causal.schemes.logit.terms.logit": 1.0,
+def causal_row(rev, seed, kl, grad, made=None, **params) -> Row:
+    """A row whose data/metrics/causal.json holds the given held-out KL and gradient norms,
+    made with base.seed ``made`` (default: the row's own seed)."""
+    p = {"base.seed": seed, "causal.schemes.logit.terms.logit": 1.0,
          "causal.schemes.multi.terms.logit": 1.0, "causal.schemes.multi.terms.hidden": 1.0,
          "causal.arms": ["logit", "multi"], **params}  # fmt: skip
     content = {"teacher": {"perplexity": 19.0},
                "student_init": {"kl_t1": 11.0, "perplexity": 9e5},
                "logit": {"kl_t1": kl[0], "mean_grad_norm": grad[0], "train_logit_loss": kl[0]},
-               "multi": {"kl_t1": kl[1], "mean_grad_norm": grad[1], "train_logit_loss": kl[1]}}
+               "multi": {"kl_t1": kl[1], "mean_grad_norm": grad[1], "train_logit_loss": kl[1]},
+               "seed": seed if made is None else made}
     flat = seeds.CAUSAL.flat(content)
     return Row(rev, None if rev == "workspace" else rev, None, None, None, p, content, flat)
 
 
 def test_the_causal_family_pairs_the_causal_arms_over_seeds() -> None:
     rows = [
-        causal_row("workspace", 0, (9, 9), (1, 1), family="mlm"),  # the MLM workspace: the reference
-        causal_row("s0", 0, (8.0, 8.5), (1.0, 3.0)),
+        causal_row("workspace", 0, (8.0, 8.5), (1.0, 3.0)),
+        causal_row("s0", 0, (8.0, 8.5), (1.0, 3.0)),  # committed and applied: the workspace's run
         causal_row("s1", 1, (8.1, 8.7), (1.1, 3.2)),
         causal_row("s2", 2, (7.9, 8.4), (0.9, 2.9)),
         causal_row("x", 3, (1, 1), (1, 1), **{"causal.top_k": 0}),  # another experiment
+        # An MLM seed experiment (`dvc exp run -S base.seed=4`): its causal.json is seed 0's.
+        causal_row("m4", 4, (8.0, 8.5), (1.0, 3.0), made=0),
     ]
     sel = seeds.select(rows, family=seeds.CAUSAL)
-    assert [r.label for r in sel.rows] == ["s0", "s1", "s2"]
-    assert any("model.family='mlm'" in n for n in sel.notes)
+    assert [r.label for r in sel.rows] == ["workspace", "s1", "s2"]
+    assert any("m4" in n and "base.seed=0" in n and "did not run" in n for n in sel.notes)
     assert any("causal.top_k" in n for n in sel.notes)
     result = seeds.aggregate(sel, family=seeds.CAUSAL)
     assert list(result["arms"]) == ["logit", "multi"]  # neither the teacher nor the floor
@@ -318,4 +322,4 @@ def test_the_causal_family_pairs_the_causal_arms_over_seeds() -> None:
     assert pair["claims"]["kl_t1"]["verdict"] == seeds.REVERSED
     assert pair["claims"]["mean_grad_norm"]["verdict"] == seeds.HOLDS
     assert "# The causal experiment over 3 seeds" in seeds.markdown(result)
-    assert "-S model.family=causal" in seeds.CAUSAL.queue_hint
+    assert "dvc exp run --queue causal/dvc.yaml -S" in seeds.CAUSAL.queue_hint

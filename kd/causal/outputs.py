@@ -1,12 +1,9 @@
-"""Where the causal family's outputs live, and what its stages write when the family is off.
+"""Where the causal family's outputs live.
 
-DVC's stages are fixed in dvc.yaml, so the causal_* stages are always in the DAG. With
-``model.family: mlm`` (the default) each one writes a one-line note instead of its output and
-finishes in seconds; ``dvc exp run -S model.family=causal`` reruns exactly them (no MLM stage
-reads ``model.family``), so the MLM results stay as they were and the experiment holds both.
-
-Everything sits under ``paths.causal``; the headline metrics go to
-``paths.metrics/causal.json``, which dvc.yaml declares as metrics beside the MLM family's.
+The causal study is a pipeline of its own (causal/dvc.yaml, run by `dvc repro causal/dvc.yaml`):
+its stages run only when asked for, so each one always computes its output. Everything sits
+under ``paths.causal``; the headline metrics go to ``paths.metrics/causal.json``, which
+causal/dvc.yaml declares as metrics beside the MLM family's.
 """
 
 from __future__ import annotations
@@ -15,20 +12,21 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from kd.core.io import atomic_dir, read_json, write_json
+from kd.core.io import atomic_dir
 
-NOTE = "note.json"
 TEACHER, STUDENT_INIT, TOKENS, CACHE = "teacher", "student_init", "tokens", "cache"
 REPORT, DISTILLED = "report", "distilled"  # causal_report's: report.md, the exported student
 FLOOR = "student_init"  # the initial student's name among the evaluated models
-
-
-def active(p) -> bool:
-    return p.model.family == "causal"
+PIPELINE = "causal/dvc.yaml"  # the causal study's stages, a pipeline of their own
 
 
 def folder(p, *parts: str) -> Path:
     return p.paths.causal.joinpath(*parts)
+
+
+def params_ok(p) -> Path:
+    """causal_check_params' marker, which every causal stage depends on."""
+    return folder(p, "params.ok")
 
 
 def arm(p, name: str) -> Path:
@@ -45,36 +43,16 @@ def metrics(p) -> Path:
     return p.paths.metrics / "causal.json"
 
 
-def note_text(family: str) -> dict:
-    return {
-        "family": family,
-        "note": "model.family is not 'causal': this causal stage ran nothing. Run the causal "
-        "experiment with `dvc exp run -S model.family=causal`",
-    }
-
-
 @contextlib.contextmanager
-def writing(p, path: Path) -> Iterator[Path | None]:
+def writing(path: Path) -> Iterator[Path]:
     """A temporary folder that replaces ``path`` when the block succeeds (a half-written output
-    is never mistaken for a finished one); with the causal family off, the folder holds only a
-    note and None is yielded: the stage has nothing to compute."""
+    is never mistaken for a finished one)."""
     with atomic_dir(path) as tmp:
-        if not active(p):
-            write_json(tmp / NOTE, note_text(p.model.family))
-            print(f"model.family is {p.model.family!r}: {path} holds a note, nothing else")
-            yield None
-            return
         yield tmp
 
 
 def need(path: Path, stage: str) -> Path:
-    """``path``, which causal stage ``stage`` wrote; one paragraph if it is missing or a note."""
+    """``path``, which causal stage ``stage`` wrote; one paragraph if it is missing."""
     if not path.exists():
-        raise SystemExit(f"{path} is missing: run `dvc repro {stage}` first")
-    if (path / NOTE).exists():
-        raise SystemExit(
-            f"{path} holds a note, not an output: it was written with model.family "
-            f"{read_json(path / NOTE)['family']!r}; run `dvc repro {stage}` with "
-            "model.family: causal"
-        )
+        raise SystemExit(f"{path} is missing: run `dvc repro {PIPELINE}:{stage}` first")
     return path

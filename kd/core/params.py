@@ -149,6 +149,7 @@ class Paths(Strict):
     distilled: Path = Path("data/distilled")
     quantize: Path = Path("data/quantize")
     causal: Path = Path("data/causal")
+    plots: Path = Path("data/plots")
 
 
 class Corpus(Strict):
@@ -423,14 +424,10 @@ class Quantize(Strict):
     probe: bool = True  # also the linear probe (probe: section) of fp32 and int8
 
 
-# --- The causal-LM family (model.family: causal; the causal_* stages, kd/causal) --------------
+# --- The causal-LM family (causal/dvc.yaml's causal_* stages, kd/causal) ---------------------
 
 CAUSAL_TERMS = ("logit", "hidden", "attention", "embedding")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv", "skew_forward_kl", "skew_reverse_kl")
-
-
-class Model(Strict):
-    family: Literal["mlm", "causal"] = "mlm"
 
 
 class CausalStudent(Strict):
@@ -594,7 +591,6 @@ class Params(Strict):
     evaluate: Evaluate = Evaluate()
     probe: Probe = Probe()
     quantize: Quantize = Quantize()
-    model: Model = Model()
     causal: Causal | None = None
 
     @model_validator(mode="after")
@@ -618,11 +614,6 @@ class Params(Strict):
                     f"batch_size={t.batch_size}): pick one of {divisors}, or null for no "
                     "accumulation"
                 )
-        if self.model.family == "causal" and self.causal is None:
-            raise ValueError(
-                "model.family is 'causal' but params.yaml has no `causal` section: copy it "
-                "from the repository's params.yaml"
-            )
         latency = self.quantize.latency_seq_length
         if latency is not None and latency > self.tokenize.max_seq_length:
             raise ValueError(

@@ -1,4 +1,5 @@
-"""The check_params stage (`python -m kd.preflight`): the one gate, first in every `dvc repro`.
+"""The check_params stage (`python -m kd.preflight`): the one gate, first in every `dvc repro`
+(the causal pipeline's, causal_check_params, is kd/preflight/causal.py).
 
 DVC deletes a stage's outputs just before running it, so a stage that discovered bad input itself
 would already have lost its previous outputs (and, on a fresh run, the minutes before it). So
@@ -13,7 +14,6 @@ any other stage runs, cheapest first:
   head counts fit the teacher and the student;
 - the inputs (inputs.py): the corpus sample sample_corpus will take, enough text for one
   training step, and the probe's labelled set;
-- with model.family: causal, the causal teacher and student (causal.py).
 
 It writes a marker with constant content that every stage depends on, so a bad input stops the
 pipeline with nothing deleted, while a good change reruns only the stages that use it.
@@ -22,11 +22,10 @@ pipeline with nothing deleted, while a good change reruns only the stages that u
 from __future__ import annotations
 
 from kd.core.params import Params
-from kd.preflight import causal, host, inputs, models
+from kd.preflight import host, inputs, models
 
 
 def check(p: Params) -> None:
     host.check(p)
     models.check(p)
     inputs.check(p)
-    causal.check(p)

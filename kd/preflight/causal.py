@@ -1,21 +1,25 @@
-"""What the causal family's params and its teacher's config can tell, before any causal stage runs
-(checked only with model.family: causal): the teacher is a causal LM whose config is readable (for
+"""The causal pipeline's gate, causal_check_params (`python -m kd.preflight.causal`, first in
+causal/dvc.yaml, as check_params is in dvc.yaml): what the causal params, the machine, the corpus
+sample and the teacher's config can tell, before any causal stage runs. The teacher is a causal LM whose config is readable (for
 the offline default, that its packages are installed; a local folder's weights are whole), the
 student's layers or config fit the teacher, the blocks, the probe's texts and each evaluation
 prompt with its continuation fit both models' positions, the cache's top-k fits the vocabulary,
 and each arm's layer map and head counts fit both. A mistake that only params.yaml can fix is a
-ParamsError (exit 2)."""
+ParamsError (exit 2). It writes the marker every causal stage depends on."""
 
 from __future__ import annotations
 
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from kd.causal import outputs
 from kd.causal import teacher as causal_teacher
 from kd.causal.evaluate import prompt_problem
+from kd.core import cli
 from kd.core.cli import first_line
-from kd.core.params import Params, ParamsError
+from kd.core.params import Params, ParamsError, load_params
 from kd.data.assets import DEFAULT
+from kd.preflight import host, inputs
 from kd.preflight.models import config, positions, require_fits, require_weights
 
 
@@ -118,8 +122,9 @@ def teacher_tokenizer(source: str):
 
 
 def check(p: Params) -> None:
-    if p.model.family != "causal":
-        return
+    if p.causal is None:
+        raise ParamsError("params.yaml has no `causal` section, which the causal pipeline "
+                          "(causal/dvc.yaml) reads: copy it from the repository's params.yaml")
     t = teacher_config(p.causal.teacher)
     check_positions(p, t)
     blocks, _, heads = student_shape(p, t)
@@ -145,3 +150,17 @@ def check(p: Params) -> None:
                 f"student has {heads} heads and the teacher {t.num_attention_heads}: give the "
                 "student the teacher's head count, or drop the attention term"
             )
+
+
+def main() -> None:
+    p = load_params()
+    check(p)  # first: it refuses a params.yaml without a causal section
+    host.check(p)
+    inputs.check_causal(p)
+    marker = outputs.params_ok(p)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("params.yaml is valid for the causal pipeline\n")
+
+
+if __name__ == "__main__":
+    cli.run(main)

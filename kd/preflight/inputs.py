@@ -58,8 +58,6 @@ def check_corpus(p: Params) -> None:
     if p.corpus.source == "hf":
         return
     splits = corpus.sample(p.corpus, p.corpus.seed)
-    if p.model.family == "causal":
-        check_causal_blocks(p, splits)
     train, test = splits["train"], splits["test"]
     need = p.train.batch_size
     bound = max_blocks(train, p.tokenize.max_seq_length)
@@ -91,3 +89,11 @@ def check_probe(p: Params) -> None:
 def check(p: Params) -> None:
     check_corpus(p)
     check_probe(p)
+
+
+def check_causal(p: Params) -> None:
+    """The causal pipeline's inputs: enough text for its blocks, and the probe's set if used."""
+    if p.corpus.source != "hf":
+        check_causal_blocks(p, corpus.sample(p.corpus, p.corpus.seed))
+    if p.causal.probe_examples:
+        check_probe(p)

