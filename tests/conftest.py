@@ -222,13 +222,15 @@ def repo_env(path: Path, *importable: Path) -> dict[str, str]:
 # What a copy of this project needs to run its DAG: the top-level files dvc.yaml reads or depends
 # on (pin_inputs checks the installed libraries against requirements.lock), the ignore files that
 # decide what git versions, and the code.
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "requirements.lock", ".gitignore", ".dvcignore")
+PROJECT_FILES = ("dvc.yaml", "causal/dvc.yaml", "params.yaml", "requirements.lock", ".gitignore",
+                 ".dvcignore")
 PROJECT_PACKAGES = ("kd", "stages")
 
 
 def copy_project(dest: Path) -> None:
     """Copy this project's DAG, params, lock, ignore files and code into the folder ``dest``."""
     for name in PROJECT_FILES:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, dest / name)
     for pkg in PROJECT_PACKAGES:
         shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))

@@ -1,9 +1,9 @@
-"""The causal family as a user runs it: `model.family: causal` and the causal_* stages of dvc.yaml,
-on a tiny random Llama teacher (a local folder) and a word-level tokenizer, with DVC.
+"""The causal family as a user runs it: the pipeline causal/dvc.yaml, on a tiny random Llama
+teacher (a local folder) and a word-level tokenizer, with DVC.
 
-One `dvc repro causal_report` per module (about a minute); the tests then read what it wrote,
-check the params each stage read against dvc.yaml, and (the `long` ones) change things as a user
-would with `dvc exp run`.
+One `dvc repro causal/dvc.yaml` per module (about a minute); the tests then read what it wrote,
+check the params each stage read against causal/dvc.yaml, and (the `long` ones) change things as
+a user would with `dvc exp run causal/dvc.yaml`, or edit one byte of a module.
 """
 
 from __future__ import annotations
@@ -18,22 +18,24 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import GitDvcRepo, make_docs, project_repo, tiny_params
-from dagcheck import read_traces, stages, undeclared_params
+from dagcheck import closure, entry_modules, read_traces, stages, undeclared_params
 from tiny import tiny_llama, topic_folder, word_tokenizer
 
 from kd.core.params import TRACE_ENV
 
 pytestmark = pytest.mark.slow
 
+PIPELINE = "causal/dvc.yaml"
 CAUSAL = [
-    "causal_teacher", "causal_student", "causal_tokenize", "causal_cache", "causal_train@logit",
+    "causal_check_params", "causal_teacher", "causal_student", "causal_tokenize", "causal_cache", "causal_train@logit",
     "causal_train@multi", "causal_evaluate@logit", "causal_evaluate@multi",
     "causal_evaluate_init", "causal_report",
 ]  # fmt: skip
 
 
 def _ran(out: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", out))
+    """The stages DVC ran, the causal ones without their ``causal/dvc.yaml:`` prefix."""
+    return {s.removeprefix(PIPELINE + ":") for s in re.findall(r"Running stage '([^']+)'", out)}
 
 
 def causal_teacher_folder(path: Path, docs) -> Path:
@@ -49,7 +51,6 @@ def causal_teacher_folder(path: Path, docs) -> Path:
 
 
 def causal_params(raw: dict, teacher: Path) -> dict:
-    raw["model"]["family"] = "causal"
     c = raw["causal"]
     c.update(teacher=str(teacher), block_size=16, train_blocks=24, test_blocks=8, top_k=8)
     c["student"] = {"layers": 2, "config": None}
@@ -80,7 +81,7 @@ def causal_run(tmp_path_factory, tiny_teacher_dir) -> CausalRun:
     repo.commit("tiny causal")
     traces = root / "traces"
     repo.env[TRACE_ENV] = str(traces)
-    out = repo.run("dvc", "repro", "causal_report", timeout=900)
+    out = repo.run("dvc", "repro", PIPELINE, timeout=900)
     del repo.env[TRACE_ENV]
     repo.commit("causal repro")
     return CausalRun(repo, out, traces)
@@ -88,14 +89,14 @@ def causal_run(tmp_path_factory, tiny_teacher_dir) -> CausalRun:
 
 def test_the_causal_stages_run_and_only_they(causal_run) -> None:
     ran = _ran(causal_run.out)
-    assert set(CAUSAL) <= ran
-    assert not {"train@logit", "train@multi", "tokenize", "report"} & ran
+    # The corpus is shared with dvc.yaml: its stages ran first, and no other MLM stage.
+    assert ran == {*CAUSAL, "check_params", "pin_inputs", "sample_corpus"}
 
 
 def test_the_headline_metrics_are_finite_and_ordered(causal_run) -> None:
     path = causal_run.repo.path
     m = json.loads((path / "data/metrics/causal.json").read_text())
-    assert set(m) == {"teacher", "student_init", "logit", "multi"}
+    assert set(m) == {"teacher", "student_init", "logit", "multi", "seed"} and m["seed"] == 0
     for name in ("student_init", "logit", "multi"):
         for key in ("perplexity", "kl_t1", "top1_agreement"):
             assert math.isfinite(m[name][key]), (name, key)
@@ -145,16 +146,72 @@ def test_every_causal_stage_declares_the_params_it_reads(causal_run) -> None:
     assert "causal.train.lr" in reads["causal_train@multi"]
 
 
+def _status(repo: GitDvcRepo) -> set[str]:
+    out = repo.run("dvc", "status", PIPELINE, "--json")
+    listed = json.loads(out[out.index("{"):]) if "{" in out else {}
+    return {s.removeprefix(PIPELINE + ":") for s in listed}
+
+
+@pytest.mark.long
+def test_a_clone_reruns_nothing_and_leaves_git_clean(causal_run, tmp_path) -> None:
+    """A fresh clone (git alone, then the DVC cache) reproduces nothing and rewrites no byte:
+    the committed locks are as DVC writes them."""
+    import subprocess
+
+    from conftest import repo_env
+
+    fresh = tmp_path / "fresh"
+    subprocess.run(["git", "clone", "-q", str(causal_run.repo.path), str(fresh)], check=True)
+    clone = GitDvcRepo(fresh, repo_env(fresh))
+    clone.run("dvc", "cache", "dir", str(causal_run.repo.path / ".dvc" / "cache"))
+    clone.run("dvc", "checkout")
+    assert _ran(clone.run("dvc", "repro", PIPELINE)) == set()
+    assert clone.run("git", "status", "--porcelain").strip() == ""
+
+
+@pytest.mark.long
+def test_editing_one_byte_reruns_only_the_stages_that_execute_it(causal_run, tmp_path) -> None:
+    """The deps are file by file: an edit to the training code lists the arms' training (and,
+    through its outputs, what reads them), never the teacher, its tokens or its cache."""
+    from conftest import TinyPipeline
+
+    repo = TinyPipeline.clone(causal_run.repo.path, tmp_path / "clone")
+    assert _status(repo) == set()
+    found = [s for s in stages(repo.path) if s.name in CAUSAL]
+    listed = {}
+    for module in ("kd/causal/distiller.py", "kd/causal/batches.py", "kd/causal/evaluate.py",
+                   "kd/causal/tokens.py", "kd/causal/cache.py", "kd/report/causal.py",
+                   "kd/training/loop.py", "stages/causal_report.py"):
+        path = repo.path / module
+        before = path.read_bytes()
+        path.write_bytes(before + b"#")
+        try:
+            listed[module] = _status(repo)
+        finally:
+            path.write_bytes(before)
+        executing = {s.name for s in found if module in closure(repo.path, entry_modules(s.cmd))}
+        assert executing and executing <= listed[module], (module, sorted(executing - listed[module]))
+    arms = {"causal_train@logit", "causal_train@multi"}
+    assert listed["kd/causal/distiller.py"] == arms
+    assert listed["kd/training/loop.py"] == arms
+    assert listed["kd/causal/evaluate.py"] == {"causal_check_params", "causal_evaluate@logit",
+                                               "causal_evaluate@multi", "causal_evaluate_init"}
+    assert listed["kd/causal/tokens.py"] == {"causal_tokenize"}
+    assert listed["kd/causal/cache.py"] == {"causal_cache", *arms}
+    assert listed["kd/report/causal.py"] == {"causal_report"}
+    assert _status(repo) == set()
+
+
 @pytest.mark.long
 def test_a_second_repro_reruns_nothing_and_an_arm_change_reruns_that_arm(causal_run,
                                                                         tmp_path) -> None:
     from conftest import TinyPipeline
 
     repo = TinyPipeline.clone(causal_run.repo.path, tmp_path / "clone")
-    assert "Running stage" not in repo.run("dvc", "repro", "causal_report")
-    out = repo.run("dvc", "exp", "run", "-S", "causal.schemes.logit.divergence=jsd",
-                   "causal_report", timeout=600)  # fmt: skip
-    assert _ran(out) == {"check_params", "causal_train@logit", "causal_evaluate@logit",
+    assert "Running stage" not in repo.run("dvc", "repro", PIPELINE)
+    out = repo.run("dvc", "exp", "run", PIPELINE, "-S", "causal.schemes.logit.divergence=jsd",
+                   timeout=600)  # fmt: skip
+    assert _ran(out) == {"causal_check_params", "causal_train@logit", "causal_evaluate@logit",
                          "causal_report"}
     shown = repo.run("dvc", "exp", "show", "--json")
     assert "causal.json" in shown
@@ -162,20 +219,16 @@ def test_a_second_repro_reruns_nothing_and_an_arm_change_reruns_that_arm(causal_
     # initial student's evaluation are reused (causal_student reruns, as it reads base.seed for
     # a config student, but a layer-subset student is the same for every seed, so nothing below
     # it reruns for that).
-    out = repo.run("dvc", "exp", "run", "-S", "base.seed=7", "causal_report", timeout=600)
-    assert _ran(out) == {"check_params", "causal_student", "causal_train@logit",
+    out = repo.run("dvc", "exp", "run", PIPELINE, "-S", "base.seed=7", timeout=600)
+    # check_params reads base.seed too (dvc.yaml's gate, upstream of the shared corpus).
+    assert _ran(out) == {"check_params", "causal_check_params", "causal_student", "causal_train@logit",
                          "causal_train@multi", "causal_evaluate@logit", "causal_evaluate@multi",
                          "causal_report"}  # fmt: skip
 
 
-@pytest.mark.long
-def test_the_mlm_family_leaves_notes_in_seconds(causal_run, tmp_path) -> None:
-    from conftest import TinyPipeline
-
-    repo = TinyPipeline.clone(causal_run.repo.path, tmp_path / "clone")
-    out = repo.run("dvc", "exp", "run", "-S", "model.family=mlm", "causal_report", timeout=600)
-    assert set(CAUSAL) <= _ran(out)
-    data = repo.path / "data" / "causal"
-    note = json.loads((data / "train" / "logit" / "note.json").read_text())
-    assert note["family"] == "mlm" and "model.family=causal" in note["note"]
-    assert "kl_t1" not in (repo.path / "data/metrics/causal.json").read_text()
+def test_the_default_repro_leaves_the_causal_pipeline_alone(causal_run) -> None:
+    """`dvc repro` is dvc.yaml's: here, where only the causal pipeline (and the corpus) ran, it
+    would run every MLM stage and none of the causal ones, whatever their params say."""
+    out = causal_run.repo.run("dvc", "repro", "--dry")
+    ran = _ran(out)
+    assert {"train@multi", "report"} <= ran and not {s for s in ran if "causal" in s}

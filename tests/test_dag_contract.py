@@ -44,9 +44,9 @@ def _ran(out: str) -> set[str]:
 
 def test_every_stage_depends_on_every_project_file_it_executes() -> None:
     found = stages(REPO)
-    assert {"check_params", "pin_inputs", "train@multi", "evaluate_init", "report"} <= {
-        s.name for s in found
-    }
+    # Both pipelines: dvc.yaml and the causal study's causal/dvc.yaml.
+    assert {"check_params", "pin_inputs", "train@multi", "evaluate_init", "report",
+            "causal_check_params", "causal_train@multi", "causal_report"} <= {s.name for s in found}
     missing = {s.name: undeclared_code(REPO, s) for s in found}
     missing = {k: v for k, v in missing.items() if v}
     assert not missing, "stages that execute files dvc.yaml does not list as deps:\n" + "\n".join(
@@ -175,6 +175,24 @@ def test_editing_one_byte_of_a_module_makes_dvc_status_list_its_stages(tiny_pipe
     assert _status(repo) == set()
 
 
+def test_the_committed_locks_are_as_dvc_writes_them() -> None:
+    """DVC rewrites a lock entry whenever it runs or commits its stage, with its own YAML writer
+    (ruamel, 80 columns: a long string is folded). A committed lock in any other layout (a
+    hand edit, another writer) makes a fresh clone's `dvc repro` dirty `git status` although
+    every hash is equal, so each lock must be a fixed point of that writer."""
+    from dvc.utils.serialize import dumps_yaml
+
+    locks = [p for p in (REPO / "dvc.lock", REPO / "causal" / "dvc.lock") if p.exists()]
+    assert REPO / "dvc.lock" in locks
+    for lock in locks:
+        text = lock.read_text()
+        assert dumps_yaml(yaml.safe_load(text)) == text, (
+            f"{lock.relative_to(REPO)} is not laid out as DVC writes it: rewrite it with "
+            "`python -c \"import yaml, sys; from dvc.utils.serialize import dumps_yaml; "
+            "p = sys.argv[1]; open(p, 'w').write(dumps_yaml(yaml.safe_load(open(p))))\" "
+            f"{lock.relative_to(REPO)}` (the hashes stay as they are)")
+
+
 # --- results are versioned ----------------------------------------------------------------------
 
 
@@ -198,6 +216,7 @@ def test_a_clone_pulls_from_a_remote_and_reruns_nothing(tiny_pipeline, tmp_path)
     assert "Data and pipelines are up to date." in status, status
     out = clone.run("dvc", "repro")
     assert _ran(out) == set(), out
+    assert clone.run("git", "status", "--porcelain").strip() == ""  # no byte of the lock moved
     assert (fresh / "data" / "students" / "multi" / "model.safetensors").read_bytes() == (
         repo.path / "data" / "students" / "multi" / "model.safetensors").read_bytes()
 

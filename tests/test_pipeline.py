@@ -171,7 +171,7 @@ def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline) -> None:
     # The scheme stages only write a note here (loss.scheme is an arm): no run either.
     quiet = {"evaluate_init", "check_params", "pin_inputs", "train_scheme", "evaluate_scheme",
              "probe_scheme", "probe_teacher", "probe_init"}
-    # The causal stages only write notes under model.family: mlm (test_causal_pipeline.py).
+    # The causal stages are a pipeline of their own (causal/dvc.yaml), which `dvc repro` leaves.
     quiet |= {s for s in stages if s.startswith("causal_")}
     expected = (stages - quiet) | {"evaluate@student_init", "probe@teacher", "probe@student_init"}
     assert names == sorted(expected)
