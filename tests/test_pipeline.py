@@ -169,7 +169,7 @@ def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline) -> None:
     names = sorted(r.info.run_name for r in runs)
     # check_params only validates: it has no run of its own.
     # The scheme stages only write a note here (loss.scheme is an arm): no run either.
-    quiet = {"evaluate_init", "check_params", "pin_inputs", "train_scheme", "evaluate_scheme",
+    quiet = {"evaluate_init", "check_params", "pin_inputs", "plots", "train_scheme", "evaluate_scheme",
              "probe_scheme", "probe_teacher", "probe_init"}
     # The causal stages are a pipeline of their own (causal/dvc.yaml), which `dvc repro` leaves.
     quiet |= {s for s in stages if s.startswith("causal_")}
