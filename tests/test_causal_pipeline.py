@@ -29,7 +29,7 @@ PIPELINE = "causal/dvc.yaml"
 CAUSAL = [
     "causal_check_params", "causal_teacher", "causal_student", "causal_tokenize", "causal_cache", "causal_train@logit",
     "causal_train@multi", "causal_evaluate@logit", "causal_evaluate@multi",
-    "causal_evaluate_init", "causal_report",
+    "causal_evaluate_init", "causal_report", "causal_plots",
 ]  # fmt: skip
 
 
@@ -125,6 +125,11 @@ def test_outputs_hold_what_the_report_says(causal_run) -> None:
     assert {"loss/hidden", "loss/attention", "loss/embedding", "grad_norm/projections"} <= set(
         multi.columns
     )
+    # Every arm's curves, git-tracked, for `dvc plots show` (kd/report/curves.py).
+    curves = pd.read_csv(data / "plots" / "train.csv")
+    assert curves["arm"].tolist() == ["logit"] * 3 + ["multi"] * 3
+    assert set(pd.read_csv(data / "plots" / "test.csv")["arm"]) == {"logit", "multi"}
+    assert "data/causal/plots/train.csv" in causal_run.repo.run("git", "ls-files", "data/causal")
     report = (data / "report" / "report.md").read_text()
     assert "## Held-out scores" in report and "paired interval" in report
     assert report.count("| teacher |") == 3  # the score table and both prompts' continuations
