@@ -55,6 +55,30 @@ def test_every_stage_depends_on_every_project_file_it_executes() -> None:
     )
 
 
+def _planned(target: str) -> set[str]:
+    """The stages `dvc repro <target>` would run in a repository where none has run yet (DVC's
+    own plan: the target's stages and everything upstream of them)."""
+    from dvc.repo import Repo
+    from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
+
+    with Repo(str(REPO)) as repo:
+        stages_ = collect_stages(repo, [target])
+        return {s.addressing for s in plan_repro(get_active_graph(repo.index.graph), stages_)}
+
+
+def test_the_default_repro_runs_no_causal_stage_and_the_causal_one_only_the_corpus() -> None:
+    """`dvc repro` is dvc.yaml's (DVC's default target): no causal stage. `dvc repro
+    causal/dvc.yaml` runs the causal stages and, of dvc.yaml, only what the shared corpus needs."""
+    default = _planned("dvc.yaml")  # what `dvc repro` with no target plans
+    assert {"train@multi", "report", "plots", "quantize"} <= default
+    assert not {s for s in default if "causal" in s}
+    causal = _planned("causal/dvc.yaml")
+    assert {s for s in causal if not s.startswith("causal/dvc.yaml:")} == {
+        "check_params", "pin_inputs", "sample_corpus"}
+    assert {"causal/dvc.yaml:causal_check_params", "causal/dvc.yaml:causal_train@multi",
+            "causal/dvc.yaml:causal_plots"} <= causal
+
+
 def test_closure_follows_imports_inside_functions_and_launchers() -> None:
     train = closure(REPO, entry_modules("python -m kd.training.launch stages.train --arm x"))
     # launch runs the stage module; the loop imports the distiller, which imports the layer map.
