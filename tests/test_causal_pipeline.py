@@ -170,7 +170,7 @@ def test_a_clone_reruns_nothing_and_leaves_git_clean(causal_run, tmp_path) -> No
     subprocess.run(["git", "clone", "-q", str(causal_run.repo.path), str(fresh)], check=True)
     clone = GitDvcRepo(fresh, repo_env(fresh))
     clone.run("dvc", "cache", "dir", str(causal_run.repo.path / ".dvc" / "cache"))
-    clone.run("dvc", "checkout")
+    clone.run("dvc", "checkout", "--with-deps", PIPELINE)  # the MLM outputs never ran here
     assert _ran(clone.run("dvc", "repro", PIPELINE)) == set()
     assert clone.run("git", "status", "--porcelain").strip() == ""
 
@@ -218,7 +218,7 @@ def test_a_second_repro_reruns_nothing_and_an_arm_change_reruns_that_arm(causal_
     out = repo.run("dvc", "exp", "run", PIPELINE, "-S", "causal.schemes.logit.divergence=jsd",
                    timeout=600)  # fmt: skip
     assert _ran(out) == {"causal_check_params", "causal_train@logit", "causal_evaluate@logit",
-                         "causal_report"}
+                         "causal_report", "causal_plots"}
     shown = repo.run("dvc", "exp", "show", "--json")
     assert "causal.json" in shown
     # Another seed retrains and re-evaluates the arms; the teacher, its tokens, its cache and the
@@ -229,4 +229,4 @@ def test_a_second_repro_reruns_nothing_and_an_arm_change_reruns_that_arm(causal_
     # check_params reads base.seed too (dvc.yaml's gate, upstream of the shared corpus).
     assert _ran(out) == {"check_params", "causal_check_params", "causal_student", "causal_train@logit",
                          "causal_train@multi", "causal_evaluate@logit", "causal_evaluate@multi",
-                         "causal_report"}  # fmt: skip
+                         "causal_report", "causal_plots"}  # fmt: skip
