@@ -169,7 +169,7 @@ def test_a_clone_reruns_nothing_and_leaves_git_clean(causal_run, tmp_path) -> No
     fresh = tmp_path / "fresh"
     subprocess.run(["git", "clone", "-q", str(causal_run.repo.path), str(fresh)], check=True)
     clone = GitDvcRepo(fresh, repo_env(fresh))
-    clone.run("dvc", "cache", "dir", str(causal_run.repo.path / ".dvc" / "cache"))
+    clone.run("dvc", "cache", "dir", "--local", str(causal_run.repo.path / ".dvc" / "cache"))
     clone.run("dvc", "checkout", "--with-deps", PIPELINE)  # the MLM outputs never ran here
     assert _ran(clone.run("dvc", "repro", PIPELINE)) == set()
     assert clone.run("git", "status", "--porcelain").strip() == ""
