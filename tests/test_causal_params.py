@@ -199,3 +199,21 @@ def test_the_headline_arm_is_causal_scheme_or_the_first_arm() -> None:
     assert parse_params(causal_raw()).causal.headline == "logit"
     assert parse_params(causal_raw(scheme="multi")).causal.headline == "multi"
     assert parse_params(causal_raw(scheme=None, arms=["multi", "logit"])).causal.headline == "multi"
+
+
+def test_the_causal_batch_is_split_over_base_nproc_like_the_mlm_batch() -> None:
+    """causal.train's global batch over base.nproc processes, micro-batches within a share:
+    refused when they do not divide, and only when the causal family runs."""
+    raw = causal_raw()
+    raw["base"] = {"nproc": 2}
+    raw["causal"]["train"].update(batch_size=4, micro_batch_size=1)
+    assert parse_params(raw).causal.train.micro_batch_size == 1
+    raw["causal"]["train"].update(batch_size=3)
+    with pytest.raises(ParamsError, match=r"causal.train.batch_size=3 cannot be split evenly over "
+                                          r"base.nproc=2"):
+        parse_params(raw)
+    raw["causal"]["train"].update(batch_size=4, micro_batch_size=3)
+    with pytest.raises(ParamsError, match=r"causal.train.micro_batch_size=3 does not divide the 2"):
+        parse_params(raw)
+    raw["model"] = {"family": "mlm"}
+    parse_params(raw)  # an MLM experiment never reads causal.train

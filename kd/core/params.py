@@ -597,7 +597,10 @@ class Params(Strict):
     def _across_sections(self) -> Params:
         # Checks that need two sections; each names both keys.
         b = self.base
-        sections = [self.train] + ([self.causal.train] if self.causal is not None else [])
+        # The causal arms' batch is checked only when they run: an MLM experiment's nproc must
+        # not be refused for a section it never reads.
+        causal = self.causal is not None and self.model.family == "causal"
+        sections = [self.train] + ([self.causal.train] if causal else [])
         for t in sections:
             s = t.section
             if t.batch_size % b.nproc:
