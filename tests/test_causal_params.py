@@ -9,7 +9,7 @@ import yaml
 from conftest import REPO
 from tiny import tiny_llama, word_tokenizer
 
-from kd.core.params import ParamsError, parse_params
+from kd.core.params import ParamsError, batch_split_problem, parse_params
 from kd.preflight import causal as preflight
 
 RAW = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -201,19 +201,21 @@ def test_the_headline_arm_is_causal_scheme_or_the_first_arm() -> None:
     assert parse_params(causal_raw(scheme=None, arms=["multi", "logit"])).causal.headline == "multi"
 
 
-def test_the_causal_batch_is_split_over_base_nproc_like_the_mlm_batch() -> None:
+def test_the_causal_gate_splits_the_causal_batch_over_base_nproc() -> None:
     """causal.train's global batch over base.nproc processes, micro-batches within a share:
-    refused when they do not divide, and only when the causal family runs."""
+    refused by the causal pipeline's gate, before it loads anything; the MLM gate (which parses
+    the same params.yaml) never reads causal.train."""
+    from kd.preflight import causal as causal_gate
+
     raw = causal_raw()
     raw["base"] = {"nproc": 2}
     raw["causal"]["train"].update(batch_size=4, micro_batch_size=1)
-    assert parse_params(raw).causal.train.micro_batch_size == 1
-    raw["causal"]["train"].update(batch_size=3)
-    with pytest.raises(ParamsError, match=r"causal.train.batch_size=3 cannot be split evenly over "
-                                          r"base.nproc=2"):
-        parse_params(raw)
-    raw["causal"]["train"].update(batch_size=4, micro_batch_size=3)
-    with pytest.raises(ParamsError, match=r"causal.train.micro_batch_size=3 does not divide the 2"):
-        parse_params(raw)
-    raw["model"] = {"family": "mlm"}
-    parse_params(raw)  # an MLM experiment never reads causal.train
+    assert batch_split_problem(parse_params(raw).causal.train, 2) is None
+    for change, says in (({"batch_size": 3}, "causal.train.batch_size=3 cannot be split evenly "
+                                             "over base.nproc=2"),
+                         ({"batch_size": 4, "micro_batch_size": 3},
+                          "causal.train.micro_batch_size=3 does not divide the 2")):  # fmt: skip
+        raw["causal"]["train"].update(change)
+        p = parse_params(raw)  # the MLM gate's parse accepts it
+        with pytest.raises(ParamsError, match=says):
+            causal_gate.check(p)

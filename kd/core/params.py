@@ -235,6 +235,23 @@ def _attribution_is_logged(t: Train | CausalTrain) -> None:
         )
 
 
+def batch_split_problem(t: Train | CausalTrain, nproc: int) -> str | None:
+    """Why a training section's global batch cannot be split over ``nproc`` processes (and
+    into its micro-batches), or None. The MLM gate checks ``train``, the causal gate
+    ``causal.train``: each pipeline is refused only for the section it reads."""
+    s = t.section
+    if t.batch_size % nproc:
+        return (f"{s}.batch_size={t.batch_size} cannot be split evenly over base.nproc={nproc} "
+                "processes: make the batch size a multiple of the process count")
+    share = t.batch_size // nproc
+    if t.micro_batch_size is not None and share % t.micro_batch_size:
+        divisors = [d for d in range(1, share + 1) if share % d == 0]
+        return (f"{s}.micro_batch_size={t.micro_batch_size} does not divide the {share} rows "
+                f"each of base.nproc={nproc} process(es) gets per step ({s}.batch_size="
+                f"{t.batch_size}): pick one of {divisors}, or null for no accumulation")
+    return None
+
+
 class Train(Strict):
     """The MLM arms' optimisation, read by the one training loop (kd/training/loop.py)."""
 
@@ -596,27 +613,9 @@ class Params(Strict):
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
         # Checks that need two sections; each names both keys.
-        b = self.base
-        # The causal arms' batch is checked only when they run: an MLM experiment's nproc must
-        # not be refused for a section it never reads.
-        causal = self.causal is not None and self.model.family == "causal"
-        sections = [self.train] + ([self.causal.train] if causal else [])
-        for t in sections:
-            s = t.section
-            if t.batch_size % b.nproc:
-                raise ValueError(
-                    f"{s}.batch_size={t.batch_size} cannot be split evenly over base.nproc="
-                    f"{b.nproc} processes: make the batch size a multiple of the process count"
-                )
-            share = t.batch_size // b.nproc
-            if t.micro_batch_size is not None and share % t.micro_batch_size:
-                divisors = [d for d in range(1, share + 1) if share % d == 0]
-                raise ValueError(
-                    f"{s}.micro_batch_size={t.micro_batch_size} does not divide the {share} "
-                    f"rows each of base.nproc={b.nproc} process(es) gets per step ({s}."
-                    f"batch_size={t.batch_size}): pick one of {divisors}, or null for no "
-                    "accumulation"
-                )
+        split_problem = batch_split_problem(self.train, self.base.nproc)
+        if split_problem:
+            raise ValueError(split_problem)
         latency = self.quantize.latency_seq_length
         if latency is not None and latency > self.tokenize.max_seq_length:
             raise ValueError(

@@ -17,7 +17,7 @@ from kd.causal import teacher as causal_teacher
 from kd.causal.evaluate import prompt_problem
 from kd.core import cli
 from kd.core.cli import first_line
-from kd.core.params import Params, ParamsError, load_params
+from kd.core.params import Params, ParamsError, batch_split_problem, load_params
 from kd.data.assets import DEFAULT
 from kd.preflight import host, inputs
 from kd.preflight.models import config, positions, require_fits, require_weights
@@ -125,6 +125,8 @@ def check(p: Params) -> None:
     if p.causal is None:
         raise ParamsError("params.yaml has no `causal` section, which the causal pipeline "
                           "(causal/dvc.yaml) reads: copy it from the repository's params.yaml")
+    if problem := batch_split_problem(p.causal.train, p.base.nproc):
+        raise ParamsError(f"params.yaml: {problem}")
     t = teacher_config(p.causal.teacher)
     check_positions(p, t)
     blocks, _, heads = student_shape(p, t)
