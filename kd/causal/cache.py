@@ -31,7 +31,6 @@ from kd.causal.divergences import TopK, top_k
 from kd.core.io import atomic_dir, read_json, write_json
 from kd.core.runtime import autocast, effective_precision
 
-KEYS = ("topk_ids", "topk_logprobs", "topk_rest")  # the cache's columns as a batch carries them
 META = "cache.json"  # k, temperature, vocabulary size, rows: what the cache was made with
 
 

@@ -117,8 +117,9 @@ class CausalDistiller(nn.Module):
 
     ``forward(batch, teacher)`` returns the scheme's active terms, unweighted; :meth:`total`
     weighs them. ``batch`` holds ``input_ids`` [B, L] of full blocks and, when the teacher
-    cache stands in for the teacher's logits, its rows (:data:`kd.causal.cache.KEYS`); ``teacher`` is
-    needed for the representation terms and whenever there is no cache.
+    cache stands in for the teacher's logits, its rows (``topk_ids``, ``topk_logprobs``,
+    ``topk_rest``, from :meth:`kd.causal.cache.Cache.rows`); ``teacher`` is needed for the
+    representation terms and whenever there is no cache.
     """
 
     # kd/training/dropout.py's CPU kernel is BERT's eager attention (no grouped-query heads);
@@ -156,11 +157,11 @@ class CausalDistiller(nn.Module):
 
     def forward(self, batch: dict[str, Tensor], teacher: nn.Module | None) -> dict[str, Tensor]:
         scheme, input_ids, cache = self.scheme, batch["input_ids"], batch_support(batch)
-        reps = any(t in self.terms for t in TERMS[1:])
+        reps = scheme.uses_intermediate
         if teacher is None and (reps or cache is None):
             raise ValueError("the representation terms, and the logit term without a cache, "
                              "need the online teacher")  # fmt: skip
-        attention = "attention" in self.terms
+        attention = self.eager_attention  # the attention term, which reads the eager maps
         with representations(self.student, attention) as s:
             s_last = self.student.base_model(input_ids=input_ids).last_hidden_state
         t: dict[str, Any] = {}

@@ -303,7 +303,7 @@ def train(
         distiller.load_state_dict(resume["distiller"])
         stepper.load_state_dict(resume)
         torch.set_rng_state(resume["rng_cpu"])
-        if device.type == "cuda" and resume.get("rng_cuda") is not None:  # fmt: skip
+        if device.type == "cuda" and resume.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(resume["rng_cuda"])
         start, elapsed, tokens = resume["step"], resume["seconds"], resume["tokens"]
         flop_count = resume["flops"]
