@@ -1,8 +1,7 @@
 """evaluate@<arm>: score one arm's student against the teacher on the fixed batches.
 
 ``--init`` scores the initial student instead (the floor both arms started from), at T = 1 on
-masked positions with the uniform layer map; its outputs are named ``student_init``. ``--scheme``
-scores loss.scheme when it is not an arm (the evaluate_scheme stage; see kd/core/arms.py).
+masked positions with the uniform layer map; its outputs are named ``student_init``.
 """
 
 from __future__ import annotations
@@ -38,16 +37,13 @@ def main(argv: list[str] | None = None) -> None:
     who = ap.add_mutually_exclusive_group(required=True)
     who.add_argument("--arm", help="a scheme name listed in loss.arms")
     who.add_argument("--init", action="store_true", help="score the initial student (the floor)")
-    who.add_argument("--scheme", action="store_true",
-                     help="loss.scheme, when it is not an arm (the evaluate_scheme stage)")
     args = ap.parse_args(argv)
     p = load_params()
     if args.init:
         run_stage(p, arms.of_floor(p), None)
         return
-    with arms.writing(p, args.arm, "eval") as out:
-        if out is not None:
-            run_stage(p, out, p.loss.schemes[out.name])
+    out = arms.arm(p, args.arm)
+    run_stage(p, out, p.loss.schemes[out.name])
 
 
 def run_stage(p, out: arms.Outputs, scheme) -> None:

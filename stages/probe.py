@@ -1,4 +1,4 @@
-"""probe@<arm>, probe_teacher, probe_init, probe_scheme: what one model is good for downstream.
+"""probe@<arm>, probe_teacher, probe_init: what one model is good for downstream.
 
 A linear probe on frozen features and a short fine-tune on one labelled text set and one fixed
 split (kd/probe/probe.py). One stage per model, so an experiment reprobes only the models it changed:
@@ -70,8 +70,6 @@ def main(argv: list[str] | None = None) -> None:
     who.add_argument("--teacher", action="store_true", help="probe the prepared teacher")
     who.add_argument("--init", action="store_true", help="probe the initial student (the floor)")
     who.add_argument("--arm", help="a scheme name listed in loss.arms")
-    who.add_argument("--scheme", action="store_true",
-                     help="loss.scheme, when it is not an arm (the probe_scheme stage)")
     args = ap.parse_args(argv)
     p = load_params()
     if args.teacher:
@@ -81,9 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         floor = arms.of_floor(p)
         run_stage(p, floor.name, floor.student, "init_student", floor.probe_json)
         return
-    with arms.writing(p, args.arm, "probe") as out:
-        if out is not None:
-            run_stage(p, out.name, out.student, out.train_stage, out.probe_json)
+    out = arms.arm(p, args.arm)
+    run_stage(p, out.name, out.student, out.train_stage, out.probe_json)
 
 
 if __name__ == "__main__":

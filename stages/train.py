@@ -19,15 +19,10 @@ from kd.training import checkpoint, flops, stage
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    who = ap.add_mutually_exclusive_group(required=True)
-    who.add_argument("--arm", help="a scheme name listed in loss.arms")
-    who.add_argument("--scheme", action="store_true",
-                     help="loss.scheme, when it is not an arm (the train_scheme stage)")
+    ap.add_argument("--arm", required=True, help="a scheme name listed in loss.arms")
     args = ap.parse_args(argv)
     p = load_params()
-    with arms.writing(p, args.arm, "train") as out:
-        if out is not None:
-            run_stage(p, out)
+    run_stage(p, arms.arm(p, args.arm))
 
 
 def resume_fingerprint(p, arm: str, masking: Masking, init_hash: str) -> str:

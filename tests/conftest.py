@@ -380,7 +380,7 @@ class TinyExperiment:
     """A clone of the tiny pipeline after one ``dvc exp run -S loss.scheme=logit``.
 
     Two pipeline executions in its ``mlflow.db``: the tiny ``dvc repro`` and this experiment
-    (which reruns the report, and what only notes the scheme). ``baseline`` holds the clone's
+    (which reruns the report). ``baseline`` holds the clone's
     ``data/metrics`` JSON files before the experiment, by file name; ``out`` what DVC printed."""
 
     repo: GitDvcRepo

@@ -146,12 +146,13 @@ def test_a_merge_key_is_not_a_duplicate(tmp_path) -> None:
     assert _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader)) is None
 
 
-def test_scheme_outside_the_arms_is_trained_besides_them(raw) -> None:
-    ok = _broken(raw, "loss.scheme", "minilm")
-    p = Params.model_validate(ok)
-    assert p.loss.trained == [*raw["loss"]["arms"], "minilm"]
-    ok = _broken(raw, "loss.scheme", "logit")
-    assert Params.model_validate(ok).loss.trained == raw["loss"]["arms"]
+def test_a_scheme_outside_the_arms_is_refused_with_the_arms_it_should_join(raw) -> None:
+    # No stage trains a scheme that is not an arm: the error gives the -S that makes it one.
+    msg = _error(_broken(raw, "loss.scheme", "minilm"))
+    assert "loss.scheme is 'minilm'" in msg and "not one of loss.arms" in msg
+    assert "-S 'loss.arms=[logit,multi,minilm]'" in msg
+    ok = _broken(_broken(raw, "loss.arms", ["logit", "multi", "minilm"]), "loss.scheme", "minilm")
+    assert Params.model_validate(ok).loss.scheme == "minilm"
 
 
 def test_scheme_not_defined(raw) -> None:

@@ -168,9 +168,7 @@ def test_repro_builds_everything_then_is_up_to_date(tiny_pipeline) -> None:
     runs = client.search_runs([exp.experiment_id], STAGE_RUNS)
     names = sorted(r.info.run_name for r in runs)
     # check_params only validates: it has no run of its own.
-    # The scheme stages only write a note here (loss.scheme is an arm): no run either.
-    quiet = {"evaluate_init", "check_params", "pin_inputs", "plots", "train_scheme", "evaluate_scheme",
-             "probe_scheme", "probe_teacher", "probe_init"}
+    quiet = {"evaluate_init", "check_params", "pin_inputs", "plots", "probe_teacher", "probe_init"}
     # The causal stages are a pipeline of their own (causal/dvc.yaml), which `dvc repro` leaves.
     quiet |= {s for s in stages if s.startswith("causal_")}
     expected = (stages - quiet) | {"evaluate@student_init", "probe@teacher", "probe@student_init"}
@@ -192,13 +190,10 @@ def test_scheme_only_experiment_reruns_only_report(twin, tiny_experiment) -> Non
     assert "Running stage 'report'" in out, out
     assert "Running stage 'train@" not in out and "Running stage 'evaluate@" not in out, out
     # Besides the report, only what consumes its export (data/distilled) may rerun.
-    # check_params reruns on any change of params (it is cheap and touches nothing downstream);
-    # so do the scheme stages, which only note that logit is an arm.
-    cheap = {"report", "check_params", "train_scheme", "evaluate_scheme", "probe_scheme"}
+    # check_params reruns on any change of params (it is cheap and touches nothing downstream).
+    cheap = {"report", "check_params"}
     assert _ran(out) - cheap <= _downstream(repo, "report"), out
-    for part in ("train", "eval", "probe"):
-        assert not (repo.path / "data" / "scheme" / part / "student").exists()
-        assert read_json(repo.path / "data" / "scheme" / part / "note.json")["scheme"] == "logit"
+    assert not (repo.path / "data" / "scheme").exists()  # no stage writes a note any more
     result = read_json(repo.path / "data" / "metrics" / "eval.json")
     assert result["scheme"] == "logit"
     assert result["test/logit_kl_t1"] == compared["arms/logit/test/logit_kl_t1"]
@@ -233,38 +228,36 @@ def test_scheme_only_experiment_reruns_only_report(twin, tiny_experiment) -> Non
 
 
 @pytest.mark.long
-def test_any_defined_scheme_runs_beside_the_arms(tiny_pipeline, tmp_path) -> None:
-    """`dvc exp run -S loss.scheme=NAME` for a scheme that is not an arm trains and scores it
-    (train_scheme, evaluate_scheme), keeps both arms cached, and makes it the headline."""
+def test_a_third_arm_trains_alone_and_can_be_the_headline(tiny_pipeline, tmp_path) -> None:
+    """`dvc exp run -S 'loss.arms=[logit,multi,minilm]' -S loss.scheme=minilm` trains, scores and
+    probes minilm through its own arm stages, keeps both other arms cached, and makes it the
+    headline; a scheme outside the arms is refused by the gate before anything is deleted."""
     repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
     before = {arm: _weights(repo, arm) for arm in ARMS}
 
-    out = repo.run("dvc", "exp", "run", "-S", "loss.scheme=minilm")
-    ran = _ran(out)
-    assert {"train_scheme", "evaluate_scheme", "probe_scheme", "report"} <= ran, out
-    assert not {s for s in ran if s.startswith(("train@", "evaluate@", "probe"))} - {
-        "probe_scheme"
-    }, out
+    refused = repo.run("dvc", "exp", "run", "-S", "loss.scheme=minilm", check=False)
+    assert "-S 'loss.arms=[logit,multi,minilm]'" in refused, refused
     assert {arm: _weights(repo, arm) for arm in ARMS} == before
 
-    trained = repo.path / "data" / "scheme" / "train"
-    assert read_json(trained / "train.json")["steps"] == 6
-    assert "loss/minilm_attention" in pd.read_csv(trained / "train.csv").columns
+    out = repo.run("dvc", "exp", "run", "-S", "loss.arms=[logit,multi,minilm]",
+                   "-S", "loss.scheme=minilm")  # fmt: skip
+    ran = _ran(out)
+    assert {"train@minilm", "evaluate@minilm", "probe@minilm", "report"} <= ran, out
+    assert not {f"{s}@{a}" for s in ("train", "evaluate", "probe") for a in ARMS} & ran, out
+    assert {arm: _weights(repo, arm) for arm in ARMS} == before
+
+    assert read_json(repo.path / "data" / "train" / "minilm.json")["steps"] == 6
+    assert "loss/minilm_attention" in pd.read_csv(repo.path / "data" / "train" / "minilm.csv").columns
     result = read_json(repo.path / "data" / "metrics" / "eval.json")
     assert result["scheme"] == "minilm"
     compared = read_json(repo.path / "data" / "metrics" / "comparison.json")
     assert result["test/logit_kl_t1"] == compared["arms/minilm/test/logit_kl_t1"]
     assert math.isfinite(compared["arms/logit/test/logit_kl_t1"])
-    assert (repo.path / "data" / "distilled" / "model.safetensors").read_bytes() == (
-        trained / "student" / "model.safetensors"
-    ).read_bytes()
+    assert (repo.path / "data" / "distilled" / "model.safetensors").read_bytes() == _weights(
+        repo, "minilm"
+    )
     assert "minilm" in (repo.path / "data" / "report" / "report.md").read_text()
     assert math.isfinite(compared["arms/minilm/probe_linear_acc"])
-
-    # Back to an arm as the headline: the scheme stages write their note, nothing retrains.
-    back = repo.run("dvc", "exp", "run", "-S", "loss.scheme=multi")
-    assert not {s for s in _ran(back) if s.startswith(("train@", "evaluate@"))}, back
-    assert read_json(trained / "note.json") == {"scheme": "multi", "same_as": "train@multi"}
 
 
 @pytest.mark.long
@@ -274,9 +267,7 @@ def test_one_arms_parameter_retrains_only_that_arm(tiny_pipeline, tmp_path) -> N
 
     out = repo.run("dvc", "exp", "run", "-S", "loss.schemes.multi.terms.attention=0.5")
     arm = {"train@multi", "evaluate@multi", "probe@multi", "report"}
-    # The scheme stages depend on loss.schemes.<loss.scheme> (multi): they rewrite their note.
-    notes = {"check_params", "train_scheme", "evaluate_scheme", "probe_scheme"}
-    assert arm <= _ran(out) <= arm | _downstream(repo, "train@multi") | notes, out
+    assert arm <= _ran(out) <= arm | _downstream(repo, "train@multi") | {"check_params"}, out
     assert not {"train@logit", "evaluate@logit", "evaluate_init"} & _ran(out), out
     assert read_json(repo.path / "data" / "train" / "logit.json") == before
     multi = read_json(repo.path / "data" / "train" / "multi.json")

@@ -220,7 +220,6 @@ def test_stage_scores_every_model_writes_metrics_and_tracks(
             "teacher": str(model_dirs["teacher"]),
             "student_init": str(model_dirs["student_init"]),
             "students": str(students),
-            "scheme": str(tmp_path / "scheme"),
             "metrics": str(tmp_path / "metrics"),
         },
         "loss": {
@@ -242,13 +241,11 @@ def test_stage_scores_every_model_writes_metrics_and_tracks(
     raw["paths"]["probe"] = str(tmp_path / "probe")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
-    for args in (["--teacher"], ["--init"], ["--arm", "logit"], ["--arm", "multi"], ["--scheme"]):
+    for args in (["--teacher"], ["--init"], ["--arm", "logit"], ["--arm", "multi"]):
         stage.main(args)
 
     files = {n: tmp_path / "probe" / f"{n}.json" for n in ("teacher", "student_init", "logit",
                                                           "multi")}
-    # multi is an arm: the scheme stage only notes it.
-    assert read_json(tmp_path / "scheme" / "probe" / "note.json")["same_as"] == "probe@multi"
     m = kd_report.read_probes({**files, "missing": tmp_path / "probe" / "nope.json"})
     assert (m["n_train"], m["n_test"], m["n_classes"]) == (27, 9, 3)
     assert m["classes"] == "fruit,music,nature" and m["dataset"] == "folder"

@@ -1,31 +1,21 @@
 """Where each trained scheme's outputs live, and which schemes an experiment compares.
 
-Two kinds of trained scheme:
-
-- the arms (``loss.arms``, default logit and multi): one ``train@<arm>`` / ``evaluate@<arm>`` /
-  ``probe@<arm>`` stage each (DVC foreach), writing ``students/<arm>``, ``train/<arm>.{json,csv}``,
-  ``eval/<arm>*.{json,csv}`` and ``probe/<arm>.json``;
-- the scheme under study when it is not an arm (``dvc exp run -S loss.scheme=minilm``). DVC's
-  foreach cannot iterate over "the arms plus one more value", so that scheme is trained and
-  evaluated by ``train_scheme`` and ``evaluate_scheme``, whose outputs are fixed directories under
-  ``paths.scheme``. When ``loss.scheme`` is an arm those two stages train nothing: they write a
-  note naming the arm, and the arm's own stages stay cached.
+The trained schemes are the arms (``loss.arms``, default logit and multi): one ``train@<arm>`` /
+``evaluate@<arm>`` / ``probe@<arm>`` stage each (DVC foreach), writing ``students/<arm>``,
+``train/<arm>.{json,csv}``, ``eval/<arm>*.{json,csv}`` and ``probe/<arm>.json``. ``loss.scheme``
+names the arm whose student is the experiment's result; the gate refuses one that is not an arm
+(``-S 'loss.arms=[logit,multi,minilm]' -S loss.scheme=minilm`` studies a third scheme), so every
+stage of the DAG does work and a scheme is trained by exactly one stage.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd.core import dist as kdist
-from kd.core.io import atomic_dir, read_json, write_json
-
 FLOOR = "student_init"  # the initial student, scored by evaluate_init
 TEACHER = "teacher"  # the teacher's name among the probed models
-NOTE = "note.json"  # what the scheme stages write when the scheme is an arm
-STAGE = {"train": "train", "eval": "evaluate", "probe": "probe"}  # part -> the arm stages' name
 
 
 @dataclass(frozen=True)
@@ -99,67 +89,20 @@ def teacher_probe_json(p) -> Path:
     return p.paths.probe / f"{TEACHER}.json"
 
 
-def of_scheme(
-    p, train_dir: Path | None = None, eval_dir: Path | None = None, probe_dir: Path | None = None
-) -> Outputs:
-    """The scheme stages' outputs; ``train_dir``/``eval_dir``/``probe_dir`` redirect them while
-    writing."""
-
-    def where(part: str) -> Path:
-        kind = "train" if part == "student" else part.split(".")[0]
-        given = {"train": train_dir, "eval": eval_dir, "probe": probe_dir}[kind]
-        folder = given or p.paths.scheme / kind
-        return folder / ("student" if part == "student" else part)
-
-    return Outputs(p.loss.scheme, "train_scheme", "evaluate_scheme", "probe_scheme", where)
-
-
 def compared(p) -> list[Outputs]:
-    """Every trained scheme of this experiment: the arms, then the scheme if it is not one."""
-    out = [of_arm(p, a) for a in p.loss.arms]
-    if p.loss.scheme not in p.loss.arms:
-        out.append(of_scheme(p))
-    return out
+    """Every trained scheme of this experiment: the arms, in ``loss.arms``' order."""
+    return [of_arm(p, a) for a in p.loss.arms]
 
 
 def headline(p) -> Outputs:
-    return next(o for o in compared(p) if o.name == p.loss.scheme)
+    """The arm named by ``loss.scheme`` (the gate checked it is an arm)."""
+    return of_arm(p, p.loss.scheme)
 
 
-@contextlib.contextmanager
-def writing(p, arm: str | None, part: str) -> Iterator[Outputs | None]:
-    """The outputs a train/evaluate/probe stage writes its ``part`` ("train", "eval" or "probe")
-    into.
-
-    An arm's files are written in place, each atomically by its writer. The scheme stage writes
-    into a temporary copy of its directory, renamed into place only when the block succeeds, so a
-    half-written scheme is never mistaken for a finished one. When ``arm`` is None and the scheme
-    is an arm, the stage writes its note and yields None: there is nothing to compute.
-    """
-    if arm is not None:
-        # Only the arm's own scheme is read: a stage that looked at loss.arms would have to
-        # declare it, and then adding an arm would rerun every other arm.
-        if arm not in p.loss.schemes:
-            raise SystemExit(f"--arm {arm!r} is not a scheme of loss.schemes")
-        yield of_arm(p, arm)
-        return
-    if kdist.rank() != 0:  # under torchrun, rank 0 alone writes
-        yield None if p.loss.scheme in p.loss.arms else of_scheme(p)
-        return
-    with atomic_dir(p.paths.scheme / part) as tmp:
-        if p.loss.scheme in p.loss.arms:
-            write_json(
-                tmp / NOTE,
-                {"scheme": p.loss.scheme, "same_as": f"{STAGE[part]}@{p.loss.scheme}"},
-            )
-            print(f"loss.scheme {p.loss.scheme!r} is an arm: its {part} stage is "
-                  f"{STAGE[part]}@{p.loss.scheme}; nothing to do here")
-            yield None
-            return
-        yield of_scheme(p, **{f"{part}_dir": tmp})
-
-
-def note(directory: Path) -> dict | None:
-    """The note a scheme stage left instead of outputs, if any."""
-    path = directory / NOTE
-    return read_json(path) if path.exists() else None
+def arm(p, name: str) -> Outputs:
+    """``--arm NAME``'s outputs. Only the arm's own scheme is read: a stage that looked at
+    loss.arms would have to declare it, and then adding an arm would rerun every other arm."""
+    if name not in p.loss.schemes:
+        raise SystemExit(f"--arm {name!r} is not a scheme of loss.schemes: use one of "
+                         f"{sorted(p.loss.schemes)}")
+    return of_arm(p, name)

@@ -139,7 +139,6 @@ class Paths(Strict):
     teacher: Path = Path("data/teacher")
     student_init: Path = Path("data/student_init")
     students: Path = Path("data/students")
-    scheme: Path = Path("data/scheme")
     checkpoints: Path = Path("data/checkpoints")
     metrics: Path = Path("data/metrics")
     train: Path = Path("data/train")
@@ -367,17 +366,16 @@ class Loss(Strict):
                 )
         if len(set(self.arms)) != len(self.arms):
             raise ValueError(f"loss.arms lists an arm twice: {self.arms}")
-        if self.scheme not in self.schemes:
-            raise ValueError(
-                f"loss.scheme is '{self.scheme}', which is not a scheme: define it under "
-                f"loss.schemes or use one of {known}"
-            )
+        if self.scheme not in self.arms:
+            # One stage per arm (DVC foreach); a scheme outside the arms would need stages that
+            # only write a note when it is an arm, so it joins the arms instead.
+            how = (f"add it to the arms: -S 'loss.arms=[{','.join([*self.arms, self.scheme])}]'"
+                   if self.scheme in self.schemes else
+                   f"it is not a scheme either: define it under loss.schemes (which has "
+                   f"{known}) and add it to loss.arms, or use one of the arms")
+            raise ValueError(f"loss.scheme is '{self.scheme}', which is not one of loss.arms "
+                             f"{self.arms}: {how}")
         return self
-
-    @property
-    def trained(self) -> list[str]:
-        """Every scheme this experiment trains: the arms, then loss.scheme if it is not one."""
-        return [*self.arms, *([] if self.scheme in self.arms else [self.scheme])]
 
 
 class Evaluate(Strict):

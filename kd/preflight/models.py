@@ -138,7 +138,7 @@ def check(p: Params) -> None:
     for cfg, model in ((teacher, "the teacher"), (student, "the student")):
         require_positions(p.tokenize.max_seq_length, "tokenize.max_seq_length", cfg, model)
         require_positions(p.probe.max_seq_length, "probe.max_seq_length", cfg, model)
-    for arm in p.loss.trained:
+    for arm in p.loss.arms:
         try:
             check_compatible(student, teacher, p.loss.schemes[arm])
         except SystemExit as err:  # a layer map or head count only params.yaml can fix
