@@ -12,6 +12,7 @@ from kd.bench import chunked_loss
 
 
 @pytest.mark.slow
+@pytest.mark.long  # memory measured in a subprocess per size: minutes, and the bench it guards
 def test_the_chunked_loss_adds_a_flat_fraction_of_the_unchunked_peak(tmp_path) -> None:
     # SmolLM2's widths at 1k+ positions take minutes here; the same O(N·V) against O(chunk·V)
     # comparison at vocabulary 4,096 and hidden 64 takes seconds: four fresh processes.
