@@ -33,8 +33,7 @@ from kd.core.params import Scheme, Train
 from kd.data.masking import MaskedBlocks, Masking
 from kd.data.tokens import pack
 from kd.distill.distiller import Distiller
-from kd.training import flops
-from kd.training import checkpoint
+from kd.training import checkpoint, flops
 from kd.training.loop import train
 
 VOCAB = 60
