@@ -18,6 +18,7 @@ checkpoint folder, so a rerun resumes from it.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -102,6 +103,10 @@ def main() -> None:
             fingerprint="x",
             dist=dist,
         )
+    # For the closing note's table (stdout only): peak RSS of this process and step time.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    print(f"rank {dist.rank}: peak RSS {peak} MiB, {result.timing['seconds']:.2f} s "
+          f"for {len(result.rows)} logged steps", flush=True)  # fmt: skip
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         state = result.state if result.state is not None else d.state_dict()
