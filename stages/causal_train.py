@@ -67,7 +67,7 @@ def run_stage(p, arm: str, out) -> None:
         "causal_train", arm, p.base.seed, p.base.precision, p.base.attention,
         p.paths.checkpoints / f"causal-{arm}",
         checkpoint.fingerprint(
-            "causal", arm, scheme.model_dump(), cfg.model_dump(), p.base.model_dump(), init_hash,
+            "causal", arm, scheme.model_dump(), cfg.model_dump(), kdist.identity(p.base), init_hash,
             dir_digest(teacher_dir), dir_digest(tokens_dir / "train"),
             dir_digest(cache_dir) if cache is not None else None,
         ),
@@ -75,7 +75,7 @@ def run_stage(p, arm: str, out) -> None:
                     "seed": p.base.seed, "teacher_cache": use_cache},
         tags={"kd.family": "causal", "kd.scheme_terms": ",".join(distiller.terms),
               "kd.student_init_sha256": init_hash},
-        runtime=rt,
+        runtime=rt, parallel=p.base.parallel, shard_teacher=p.base.shard_teacher,
     )  # fmt: skip
     with stage.run(job, distiller, teacher, batches, cfg, device=device, dist=dist) as done:
         if done is None:
@@ -85,7 +85,7 @@ def run_stage(p, arm: str, out) -> None:
             "arm": arm, "scheme": scheme.model_dump(), "layer_map": layers,
             "train": cfg.model_dump(), "seed": p.base.seed, "student_init_sha256": init_hash,
             "teacher_cache": use_cache, "runtime": rt,
-        })  # fmt: skip
+        }, result.state)  # fmt: skip
         write_json(out / "train.json", {**result.summary, "layer_map": layers,
                                         "teacher_cache": use_cache, "runtime": rt})  # fmt: skip
         pd.DataFrame(result.rows).to_csv(out / "train.csv", index=False)

@@ -34,7 +34,7 @@ def resume_fingerprint(p, arm: str, masking: Masking, init_hash: str) -> str:
         arm,
         p.loss.schemes[arm].model_dump(),
         p.train.model_dump(),
-        p.base.model_dump(),
+        kdist.identity(p.base),
         masking,
         init_hash,
         dir_digest(p.paths.teacher),
@@ -67,7 +67,7 @@ def run_stage(p, out: arms.Outputs) -> None:
         run_params={"scheme": scheme.model_dump(), "train": p.train.model_dump(),
                     "seed": p.base.seed},
         tags={"kd.scheme_terms": ",".join(scheme.active_terms), "kd.student_init_sha256": init_hash},
-        runtime=rt,
+        runtime=rt, parallel=p.base.parallel, shard_teacher=p.base.shard_teacher,
     )  # fmt: skip
     with stage.run(job, distiller, teacher, MaskedBlocks(ds, masking), p.train, device=device,
                    dist=dist, flops_of=flops.StepFlops(distiller, teacher.config),
@@ -83,7 +83,7 @@ def run_stage(p, out: arms.Outputs) -> None:
             "seed": p.base.seed,
             "student_init_sha256": init_hash,
             "runtime": rt,
-        })  # fmt: skip
+        }, result.state)  # fmt: skip
         with atomic_file(out.train_csv) as f:
             pd.DataFrame(result.rows).to_csv(f, index=False)
         write_json(out.train_json, {**result.summary, "layer_map": distiller.layer_map,

@@ -7,10 +7,19 @@ With a CACHE folder (kd.causal.cache, written by the test), the run is the causa
 the multi arm on a tiny Llama, its logit term read from the cache, each rank its own rows.
 
 Rank 0 writes OUT/result.pt (final weights and logged rows) and logs one MLflow run.
+
+Environment (tests/test_distributed.py, tests/test_fsdp.py): KD_TEST_PARALLEL=fsdp trains under
+FSDP2 (KD_TEST_SHARD_TEACHER=1 shards the teacher too); KD_TEST_STEPS and KD_TEST_CKPT_EVERY
+set max_steps and checkpoint_every; KD_TEST_DIE_AT=k makes every process SIGKILL itself as
+it logs step k (a kill after the checkpoint before it, with nothing flushed); OUT/ckpt is the
+checkpoint folder, so a rerun resumes from it.
 """
 
 from __future__ import annotations
 
+import os
+import resource
+import signal
 import sys
 from pathlib import Path
 
@@ -25,7 +34,7 @@ from kd.core.params import Scheme, Train
 from kd.data.masking import MaskedBlocks, Masking
 from kd.data.tokens import pack
 from kd.distill.distiller import Distiller
-from kd.training import flops
+from kd.training import checkpoint, flops
 from kd.training.loop import train
 
 VOCAB = 60
@@ -65,12 +74,26 @@ def main() -> None:
         d, teacher, batches, cfg, flops_of = causal(Path(sys.argv[3]), micro)
     else:
         d, teacher, batches, cfg, flops_of = mlm(micro)
+    env = os.environ.get
+    parallel = env("KD_TEST_PARALLEL", "ddp")
+    cfg = cfg.model_copy(update={
+        "max_steps": int(env("KD_TEST_STEPS", cfg.max_steps)),
+        "checkpoint_every": int(env("KD_TEST_CKPT_EVERY", cfg.checkpoint_every)),
+        # FSDP takes no per-term gradients (kd.core.params.sharding_problem).
+        **({"attribution_every": 0} if parallel == "fsdp" else {}),
+    })  # fmt: skip
+    resume = checkpoint.load(out / "ckpt", "x")
     with tracking.start_run("train", arm="ddp-test", enabled=dist.main) as run:
+        if "KD_TEST_DIE_AT" in os.environ:
+            run = DieAt(run, int(os.environ["KD_TEST_DIE_AT"]))
         result = train(
             d,
             teacher,
             batches,
             cfg,
+            parallel=parallel,
+            shard_teacher=env("KD_TEST_SHARD_TEACHER") == "1",
+            resume=resume,
             seed=0,
             precision="fp32",
             device=device,
@@ -80,10 +103,31 @@ def main() -> None:
             fingerprint="x",
             dist=dist,
         )
+    # For the closing note's table (stdout only): peak RSS of this process and step time.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    print(f"rank {dist.rank}: peak RSS {peak} MiB, {result.timing['seconds']:.2f} s "
+          f"for {len(result.rows)} logged steps", flush=True)  # fmt: skip
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"state": d.state_dict(), "rows": result.rows}, out / "result.pt")
+        state = result.state if result.state is not None else d.state_dict()
+        torch.save({"state": state, "rows": result.rows, "resumed": resume is not None},
+                   out / "result.pt")  # fmt: skip
     kdist.shutdown(dist)
+
+
+class DieAt:
+    """A run that kills its process, as a kill -9 would, when step ``at`` is logged."""
+
+    def __init__(self, run, at: int):
+        self.run, self.at = run, at
+
+    def __getattr__(self, name):
+        return getattr(self.run, name)
+
+    def log_metrics(self, metrics, step):
+        if step >= self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.run.log_metrics(metrics, step=step)
 
 
 def mlm(micro: int | None):

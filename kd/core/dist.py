@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,26 @@ def torchrun(nproc: int) -> str:
     return path
 
 
+def identity(base) -> dict:
+    """``base`` (kd.core.params.Base) for a checkpoint's fingerprint, without the process
+    count: the global batch fixes the optimisation, so a run saved under N processes resumes
+    under M (base.parallel stays: DDP and FSDP checkpoints differ in form)."""
+    return base.model_dump(exclude={"nproc"})
+
+
+def nodes(env: Mapping[str, str] = os.environ) -> int:
+    """The node count a multi-node job asks for (torchrun's PET_NNODES; the minimum of an
+    elastic MIN:MAX), else 1. kd/training/launch.py says why it is not a param."""
+    value = env.get("PET_NNODES", "1")
+    try:
+        return int(value.split(":")[0])
+    except ValueError:
+        raise SystemExit(
+            f"PET_NNODES={value!r} is not a node count: set it to the number of nodes (e.g. 2) "
+            "or MIN:MAX for an elastic job"
+        ) from None
+
+
 def init(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes (if any); returns it and this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -81,6 +102,19 @@ def any_rank(flag: bool, dist: Dist, device: torch.device) -> bool:
     t = torch.tensor([int(flag)], device=device)
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def same_everywhere(value: int, dist: Dist, device: torch.device, what: str) -> None:
+    """Refuse to go on unless ``value`` is the same on every rank (``what`` says what differs)."""
+    if not dist.active:
+        return
+    t = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)  # max and -min in one call
+    if t[0].item() != -t[1].item():
+        raise SystemExit(
+            f"the processes disagree about {what}: one has {int(-t[1].item())}, another "
+            f"{int(t[0].item())}"
+        )
 
 
 def barrier(dist: Dist) -> None:

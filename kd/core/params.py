@@ -129,6 +129,19 @@ class Base(Strict):
     attention: Literal["auto", "sdpa", "eager"] = "auto"
     threads: NonNegInt = 0
     nproc: PositiveInt = 1
+    # How the processes share the training (kd/training/loop.py): whole copies (ddp) or shards
+    # (fsdp, kd/training/sharded.py); and whether the frozen teacher is sharded too.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    shard_teacher: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> Base:
+        if self.shard_teacher and self.parallel != "fsdp":
+            raise ValueError(
+                "base.shard_teacher: true shards the teacher with FSDP2, which base.parallel="
+                f"{self.parallel} does not run: set base.parallel: fsdp, or shard_teacher: false"
+            )
+        return self
 
 
 class Paths(Strict):
@@ -232,6 +245,16 @@ def _attribution_is_logged(t: Train | CausalTrain) -> None:
             f"{s}.log_every={t.log_every}: attributions are written with the logged "
             f"rows (use e.g. {t.log_every * 5}, or 0 to turn them off)"
         )
+
+
+def sharding_problem(t: Train | CausalTrain, base: Base) -> str | None:
+    """Why a training section cannot run under ``base.parallel: fsdp`` (None when it can)."""
+    if base.parallel == "fsdp" and t.attribution_every:
+        s = t.section
+        return (f"{s}.attribution_every={t.attribution_every} takes each term's own gradient "
+                "with torch.autograd.grad, which FSDP2's sharded parameters do not take part in "
+                f"(base.parallel=fsdp): set {s}.attribution_every: 0, or base.parallel: ddp")
+    return None
 
 
 def batch_split_problem(t: Train | CausalTrain, nproc: int) -> str | None:

@@ -21,11 +21,15 @@ pipeline with nothing deleted, while a good change reruns only the stages that u
 
 from __future__ import annotations
 
-from kd.core.params import Params
+from kd.core.params import Params, ParamsError, sharding_problem
 from kd.preflight import host, inputs, models
 
 
 def check(p: Params) -> None:
+    # The MLM section's; the causal gate checks causal.train's (each is refused only for its own).
+    if problem := sharding_problem(p.train, p.base):
+        raise ParamsError(f"params.yaml: {problem}")
     host.check(p)
+    host.check_nodes(p.train, p)
     models.check(p)
     inputs.check(p)

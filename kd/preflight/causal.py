@@ -17,7 +17,13 @@ from kd.causal import teacher as causal_teacher
 from kd.causal.evaluate import prompt_problem
 from kd.core import cli
 from kd.core.cli import first_line
-from kd.core.params import Params, ParamsError, batch_split_problem, load_params
+from kd.core.params import (
+    Params,
+    ParamsError,
+    batch_split_problem,
+    load_params,
+    sharding_problem,
+)
 from kd.data.assets import DEFAULT
 from kd.preflight import host, inputs
 from kd.preflight.models import config, positions, require_fits, require_weights
@@ -127,6 +133,8 @@ def check(p: Params) -> None:
                           "(causal/dvc.yaml) reads: copy it from the repository's params.yaml")
     if problem := batch_split_problem(p.causal.train, p.base.nproc):
         raise ParamsError(f"params.yaml: {problem}")
+    if problem := sharding_problem(p.causal.train, p.base):
+        raise ParamsError(f"params.yaml: {problem}")
     t = teacher_config(p.causal.teacher)
     check_positions(p, t)
     blocks, _, heads = student_shape(p, t)
@@ -158,6 +166,7 @@ def main() -> None:
     p = load_params()
     check(p)  # first: it refuses a params.yaml without a causal section
     host.check(p)
+    host.check_nodes(p.causal.train, p)
     inputs.check_causal(p)
     marker = outputs.params_ok(p)
     marker.parent.mkdir(parents=True, exist_ok=True)

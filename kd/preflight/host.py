@@ -8,7 +8,7 @@ import torch
 
 from kd.core import dist as kdist
 from kd.core import runtime
-from kd.core.params import Params
+from kd.core.params import CausalTrain, Params, ParamsError, Train, batch_split_problem
 
 
 def check(p: Params) -> None:
@@ -28,3 +28,13 @@ def check(p: Params) -> None:
             f"base.nproc to at most {have}"
         )
     kdist.torchrun(base.nproc)
+
+
+def check_nodes(t: Train | CausalTrain, p: Params) -> None:
+    """On several nodes (PET_NNODES, kd/training/launch.py), the global batch is split over
+    every node's processes: base.nproc alone was checked with the params."""
+    n = kdist.nodes()
+    world = p.base.nproc * n
+    if n > 1 and (problem := batch_split_problem(t, world)):
+        raise ParamsError(f"PET_NNODES={n} nodes of base.nproc={p.base.nproc} processes make "
+                          f"{world} in all, and with that many: {problem}")

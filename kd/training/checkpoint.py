@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -58,3 +59,6 @@ def remove(directory: str | os.PathLike) -> None:
     path = Path(directory) / FILE
     if path.exists():
         path.unlink()
+    # FSDP's DCP shards beside it (kd/training/sharded.py), useless without it.
+    for shards in Path(directory).glob("sharded-*"):
+        shutil.rmtree(shards, ignore_errors=True)

@@ -10,6 +10,7 @@ from collections.abc import Collection, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.nn import Parameter
 
 from kd.models import parts
@@ -82,7 +83,17 @@ def grad_norms(
         return {**dict.fromkeys(groups, 0.0), "global": 0.0, "total": 0.0}
 
     # Norms in float32 so bf16 gradients neither overflow nor lose the small terms of the sum.
-    sq = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).square()
+    # Under FSDP each process holds a shard of every gradient (a DTensor): the squares of its
+    # shards, summed over processes, are the squares of the whole gradients.
+    is_sharded = [isinstance(g, DTensor) for g in grads]
+    local = [g.to_local() if s else g for g, s in zip(grads, is_sharded, strict=True)]
+    sq = torch.stack(torch._foreach_norm(local, 2, dtype=torch.float32)).square()
+    if any(is_sharded):
+        if not all(is_sharded):
+            raise ValueError("some gradients are sharded and others not: FSDP shards them all")
+        if not all(p.is_shard() for g in grads for p in g.placements):
+            raise ValueError("a replicated gradient would be counted once per process")
+        torch.distributed.all_reduce(sq)
     zero = sq.new_zeros(())
     rows = []
 

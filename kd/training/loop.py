@@ -6,7 +6,8 @@ blocks with their teacher-cache rows or the student's own on-policy text), the d
 terms, backward, per-layer gradient norms (before clipping), clip, AdamW, schedule. The
 randomness of step ``k`` (batch order, masks, on-policy text) is a pure function of (seed, k),
 and the RNG states are checkpointed, so a resumed run replays exactly what an uninterrupted one
-does. Under DDP every rank builds the same global batch and trains on its share of the rows.
+does. Under DDP or FSDP (``parallel``; kd/training/sharded.py) every rank builds the same global
+batch and trains on its share of the rows.
 
 A family brings three things (kd/distill/distiller.py and kd/data/masking.py for the MLM
 family, kd/causal/distiller.py and kd/causal/batches.py for the causal one):
@@ -40,7 +41,7 @@ from kd.core.dist import SINGLE, Dist
 from kd.core.dist import mean as dist_mean
 from kd.core.params import CausalTrain, Train
 from kd.core.runtime import autocast, use_training_attention
-from kd.training import attribution, checkpoint, interrupt
+from kd.training import attribution, checkpoint, interrupt, sharded
 from kd.training.dropout import use_fast_dropout
 from kd.training.gradnorm import grad_norms, layer_groups
 
@@ -124,6 +125,9 @@ class Result:
     summary: dict[str, float] = field(default_factory=dict)
     # Wall-clock figures: for MLflow and the console, never for an output DVC hashes.
     timing: dict[str, float] = field(default_factory=dict)
+    # Under FSDP, the trained distiller's whole state dict on rank 0 (its modules hold shards
+    # only): what kd/training/stage.py saves. None when the modules hold whole weights.
+    state: dict[str, Tensor] | None = None
 
 
 def set_dropout(model: nn.Module, p: float) -> int:
@@ -151,10 +155,13 @@ class Stepper:
     def __init__(self, distiller: nn.Module, teacher: nn.Module | None, cfg: Train | CausalTrain,
                  n_steps: int, precision: str, device: torch.device, dist: Dist = SINGLE,
                  forward: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
-                 attention: str = "auto"):  # fmt: skip
+                 attention: str = "auto", parallel: str = "ddp",
+                 shard_teacher: bool = False):  # fmt: skip
         # ``forward`` replaces the distiller's own forward (the benchmark's naive row uses it,
         # with its own eager models); ``attention`` is base.attention, for the student only.
         # ``teacher`` is None when a cache stands in for it (the causal logit arm).
+        # ``parallel`` and ``shard_teacher`` are base's: DDP or FSDP2 when there are several
+        # processes (one process trains its whole model either way).
         self.distiller, self.teacher, self.cfg = distiller, teacher, cfg
         self.precision, self.device, self.dist = precision, device, dist
         if forward is None:
@@ -171,6 +178,15 @@ class Stepper:
         distiller.to(device).train()
         if teacher is not None:
             teacher.to(device).eval()
+        # FSDP replaces the parameters by sharded ones: shard before the optimiser and the
+        # gradient-norm groups take hold of them.
+        self.sharded = parallel == "fsdp" and dist.active
+        if self.sharded:
+            if cfg.attribution_every:  # the gate refuses this (kd.core.params.sharding_problem)
+                raise SystemExit(f"{cfg.section}.attribution_every must be 0 under FSDP")
+            sharded.shard_student(distiller)
+            if shard_teacher and teacher is not None:
+                sharded.shard_teacher(teacher)
         self.opt = optim.adamw(distiller, cfg.lr, cfg.weight_decay)
         self.sched = get_linear_schedule_with_warmup(
             self.opt, min(cfg.warmup_steps, n_steps), n_steps
@@ -182,7 +198,7 @@ class Stepper:
         self.share, self.micro, self.accum = split_batch(cfg.batch_size, dist.world,
                                                          cfg.micro_batch_size)
         self.model = distiller
-        if dist.active:
+        if dist.active and not self.sharded:
             # Unused parameters exist only when a scheme skips the head (no logit term).
             self.model = DistributedDataParallel(
                 distiller, find_unused_parameters="logit" not in distiller.terms
@@ -224,8 +240,11 @@ class Stepper:
             mb.update({k: v[m * self.micro : (m + 1) * self.micro] for k, v in (own or {}).items()})
             mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
             last = m == self.accum - 1
-            # Gradients are all-reduced once per step, on the last micro-batch.
-            sync = self.model.no_sync() if dist.active and not last else contextlib.nullcontext()
+            # Gradients are all-reduced (FSDP: reduce-scattered) once per step, on the last
+            # micro-batch.
+            sharded.set_gradient_sync(self.model, last)
+            ddp_defer = dist.active and not self.sharded and not last
+            sync = self.model.no_sync() if ddp_defer else contextlib.nullcontext()
             with sync:
                 with autocast(self.device, self.precision):
                     terms = self.forward(mb)
@@ -256,7 +275,7 @@ class Stepper:
         if per_term is not None:
             norms.update(attribution.summarize(per_term, self.params, self.groups, self.extra))
         clipped = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        norms["grad_norm/clipped"] = min(float(clipped), self.cfg.max_grad_norm)
+        norms["grad_norm/clipped"] = min(sharded.scalar(clipped), self.cfg.max_grad_norm)
         self.opt.step()
         self.sched.step()
         return values, norms
@@ -285,8 +304,14 @@ def train(
     resume: dict | None = None,
     dist: Dist = SINGLE,
     flops_of: Callable[[dict[str, Tensor]], int] | None = None,
+    parallel: str = "ddp",
+    shard_teacher: bool = False,
 ) -> Result:
     """Distil for ``total_steps`` steps, logging every ``cfg.log_every``; resumable.
+
+    ``parallel: fsdp`` checkpoints through DCP (kd/training/sharded.py), which a run under any
+    process count resumes; ``ddp`` (and one process) writes one whole ``checkpoint.pt``, which
+    does too: it holds whole weights, and the optimisation does not depend on the process count.
 
     The rows (and the CSV made of them) hold results only: the step, tokens and (given
     ``flops_of``, kd/training/flops.py) model FLOPs seen so far, the learning rate, every loss
@@ -295,13 +320,27 @@ def train(
     n_blocks = len(batches)
     n_steps = total_steps(cfg, n_blocks)
     stepper = Stepper(distiller, teacher, cfg, n_steps, precision, device, dist,
-                      attention=attention)
+                      attention=attention, parallel=parallel, shard_teacher=shard_teacher)
+    dcp = parallel == "fsdp"  # DCP checkpoints, one process included (so N -> 1 -> M resume)
     result = Result()
     sums: dict[str, float] = {}
     start, elapsed, tokens, flop_count = 0, 0.0, 0, 0
+    if resume is not None and (sharded.KEY in resume) != dcp:
+        # base.parallel is in every stage's fingerprint, so this is a bug, not a user's switch.
+        raise RuntimeError(f"a {'DCP' if sharded.KEY in resume else 'whole'} checkpoint under "
+                           f"parallel={parallel}")
+    # Every process must resume from the same step: a checkpoint folder that is not shared by
+    # every node (multi-node) would have rank 0 resume while the others start over.
+    kdist.same_everywhere(resume["step"] if resume else 0, dist, device, what=(
+        f"the checkpoint in {ckpt_dir} (on several nodes, paths.checkpoints must be a folder "
+        "every node shares)"))
     if resume is not None:
-        distiller.load_state_dict(resume["distiller"])
-        stepper.load_state_dict(resume)
+        if dcp:
+            sharded.load(ckpt_dir, resume, stepper.model, stepper.opt)
+            stepper.sched.load_state_dict(resume["scheduler"])
+        else:
+            distiller.load_state_dict(resume["distiller"])
+            stepper.load_state_dict(resume)
         torch.set_rng_state(resume["rng_cpu"])
         if device.type == "cuda" and resume.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(resume["rng_cuda"])
@@ -311,25 +350,26 @@ def train(
         print(f"resuming from step {start} of {n_steps}")
 
     def save_checkpoint(step: int) -> None:
-        if not dist.main:
+        if not dcp and not dist.main:
             return
-        checkpoint.save(
-            ckpt_dir,
-            {
-                "fingerprint": fingerprint,
-                "step": step,
-                "seconds": elapsed,
-                "tokens": tokens,
-                "flops": flop_count,
-                "rows": result.rows,
-                "sums": sums,
-                "distiller": distiller.state_dict(),
-                **stepper.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                "mlflow_run_id": run.run_id,
-            },
-        )
+        state = {
+            "fingerprint": fingerprint,
+            "step": step,
+            "seconds": elapsed,
+            "tokens": tokens,
+            "flops": flop_count,
+            "rows": result.rows,
+            "sums": sums,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+            "mlflow_run_id": run.run_id,
+        }
+        if dcp:  # collective: every process writes its shards
+            sharded.save(ckpt_dir, {**state, "scheduler": stepper.sched.state_dict()},
+                         stepper.model, stepper.opt, dist)  # fmt: skip
+            return
+        checkpoint.save(ckpt_dir, {**state, "distiller": distiller.state_dict(),
+                                   **stepper.state_dict()})  # fmt: skip
 
     bar = tqdm(total=n_steps, initial=start, desc="distil", unit="step", mininterval=5,
                disable=not dist.main)
@@ -392,6 +432,8 @@ def train(
         "attribution_steps": n_attr,
         **{f"final/{k}": v for k, v in result.rows[-1].items() if k.startswith("loss/")},
     }
+    if stepper.sharded:
+        result.state = sharded.full_state(stepper.model)
     result.timing = {
         "seconds": elapsed,
         "tokens_per_s": tokens / elapsed if elapsed else 0.0,

@@ -39,15 +39,25 @@ def initial_weights(model: nn.Module, expected: str, folder: Path, stage: str) -
     return got
 
 
-def save_student(out: Path, distiller: nn.Module, tokenizer, config: Mapping) -> None:
+def save_student(out: Path, distiller: nn.Module, tokenizer, config: Mapping,
+                 state: Mapping | None = None) -> None:  # fmt: skip
     """The trained student as a ``save_pretrained`` folder with its tokenizer, the projections
     (for evaluation's hidden-state terms; not part of the model) and ``kd_config.json`` (how it
-    was made), written atomically."""
+    was made), written atomically. ``state`` is the distiller's whole state dict when its
+    modules hold shards only (FSDP: ``Result.state``)."""
+
+    def part(prefix: str) -> dict | None:
+        if state is None:
+            return None
+        return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
     with atomic_dir(out) as tmp:
-        distiller.student.save_pretrained(tmp)
+        distiller.student.save_pretrained(tmp, state_dict=part("student."))
         tokenizer.save_pretrained(tmp)
         if distiller.projections is not None:
-            torch.save(distiller.projections.state_dict(), tmp / "projections.pt")
+            projections = part("projections.")
+            torch.save(distiller.projections.state_dict() if projections is None else projections,
+                       tmp / "projections.pt")  # fmt: skip
         write_json(tmp / "kd_config.json", dict(config))
 
 
@@ -65,6 +75,8 @@ class Arm:
     run_params: Mapping  # logged once, on a fresh (not resumed) run
     tags: Mapping
     runtime: Mapping
+    parallel: str = "ddp"  # base.parallel
+    shard_teacher: bool = False  # base.shard_teacher
 
 
 @contextmanager
@@ -85,7 +97,8 @@ def run(arm: Arm, distiller: nn.Module, teacher: nn.Module | None, batches, cfg,
         result = train(distiller, teacher, batches, cfg, seed=arm.seed, precision=arm.precision,
                        attention=arm.attention, device=device, run=mlrun,
                        ckpt_dir=arm.ckpt_dir, fingerprint=arm.fingerprint, resume=resume,
-                       dist=dist, flops_of=flops_of)  # fmt: skip
+                       dist=dist, flops_of=flops_of, parallel=arm.parallel,
+                       shard_teacher=arm.shard_teacher)  # fmt: skip
         if not dist.main:
             kdist.shutdown(dist)
             yield None
