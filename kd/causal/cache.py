@@ -258,6 +258,8 @@ def _prepare(work: Path, fingerprint: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     if not progress.exists():
         write_json(progress, fingerprint)
+    elif done := finished_shards(work):
+        print(f"teacher cache: {done} finished shard(s) in {work} kept, the rest computed")
 
 
 def finished_shards(work: str | Path) -> int:
