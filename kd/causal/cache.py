@@ -121,10 +121,14 @@ def _support(teacher, ids: Tensor, mask: Tensor, k: int, temperature: float, pre
 
 def _save_shard(folder: Path, ids, logprobs, rest, vocab: int, dtype: str) -> None:
     folder.mkdir()
-    np.save(folder / "ids.npy", ids.astype(id_dtype(vocab)))
-    np.save(folder / "logprobs.npy", logprobs.astype(DTYPES[dtype]))
+    columns = {"ids": ids.astype(id_dtype(vocab)), "logprobs": logprobs.astype(DTYPES[dtype])}
     if rest is not None:
-        np.save(folder / "rest.npy", rest.astype(DTYPES[dtype]))
+        columns["rest"] = rest.astype(DTYPES[dtype])
+    for name, array in columns.items():
+        with open(folder / f"{name}.npy", "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename that marks the shard finished
 
 
 def _compute_shard(teacher, tokens, start: int, end: int, folder: Path, *, k: int,
