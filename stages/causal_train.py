@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kd.causal import outputs
 from kd.causal.batches import NextTokenBlocks
-from kd.causal.cache import Cache
+from kd.causal.cache import Cache, identity
 from kd.causal.distiller import CausalDistiller, layer_map
 from kd.core import cli, runtime
 from kd.core import dist as kdist
@@ -48,7 +48,10 @@ def run_stage(p, arm: str, out) -> None:
     init_hash = stage.initial_weights(student, init["weights_sha256"], init_dir, "causal_student")
     use_cache = p.causal.top_k > 0 and not cfg.onpolicy
     cache_dir = outputs.folder(p, outputs.CACHE)
-    cache = Cache(outputs.need(cache_dir, "causal_cache")) if use_cache else None
+    sources = dir_digest(teacher_dir), dir_digest(tokens_dir / "train")
+    # Refused unless computed from these very teacher, tokens and params (one paragraph).
+    expect = identity(*sources, p.causal.top_k, 1.0, p.base.precision, p.causal.cache.logprobs)
+    cache = Cache(outputs.need(cache_dir, "causal_cache"), expect) if use_cache else None
     t_cfg = AutoConfig.from_pretrained(teacher_dir)
     layers = layer_map(scheme, init["kept_teacher_blocks"], student.config.num_hidden_layers,
                        t_cfg.num_hidden_layers)  # fmt: skip
@@ -68,7 +71,7 @@ def run_stage(p, arm: str, out) -> None:
         p.paths.checkpoints / f"causal-{arm}",
         checkpoint.fingerprint(
             "causal", arm, scheme.model_dump(), cfg.model_dump(), kdist.identity(p.base), init_hash,
-            dir_digest(teacher_dir), dir_digest(tokens_dir / "train"),
+            *sources,
             dir_digest(cache_dir) if cache is not None else None,
         ),
         run_params={"scheme": scheme.model_dump(), "train": cfg.model_dump(),

@@ -185,6 +185,8 @@ def test_a_missing_folder_names_the_key(tmp_path) -> None:
         (lambda c: c["schemes"]["multi"].update(layer_map=[]), "is an empty list"),
         (lambda c: c["evaluate"].update(prompts=[""]), "causal.evaluate.prompts.0: is blank"),
         (lambda c: c.update(train_blocks=3), "causal.train_blocks=3 is fewer than one step's"),
+        (lambda c: c["cache"].update(batch_size=64, shard_blocks=32), "causal.cache.batch_size=64"),
+        (lambda c: c["cache"].update(logprobs="int8"), "causal.cache.logprobs"),
     ],
 )
 def test_params_that_cannot_run_are_refused(change, says) -> None:

@@ -115,7 +115,7 @@ def test_outputs_hold_what_the_report_says(causal_run) -> None:
     student = json.loads((data / "student_init" / "kd_student.json").read_text())
     assert student["kept_teacher_blocks"] == [1, 4] and student["layers"] == 2
     cache = json.loads((data / "cache" / "cache.json").read_text())
-    assert cache["k"] == 8 and cache["rows"] == 24
+    assert cache["identity"]["k"] == 8 and cache["rows"] == 24 and cache["ids_dtype"] == "uint8"
     for arm in ("logit", "multi"):
         rows = pd.read_csv(data / "train" / arm / "train.csv")
         assert rows["step"].tolist() == [2, 4, 6]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from kd.causal import divergences as D
+from kd.causal.cache import bytes_per_position
 from kd.causal.students import from_teacher_layers, uniform_layers
 from kd.causal.teacher import load
 from kd.causal.tokens import pack
@@ -64,7 +65,9 @@ def measure(teacher, student, ids: torch.Tensor, ks: list[int], batch_size: int)
             "kl_topk": sums[k] / positions,
             "relative_gap": 1 - sums[k] / full,
             "teacher_tail_mass": tail[k] / positions,
-            "bytes_per_position": 8 * k + 4,  # int32 id + float32 log-prob per token, the rest
+            # The compact store (kd.causal.cache: float16 log-probs, the smallest id type).
+            "bytes_per_position": bytes_per_position(k, vocab, "float16"),
+            "old_bytes_per_position": 8 * k + 4,  # int32 id + float32 log-prob, the rest
         }
         for k in ks
     ]

@@ -551,12 +551,32 @@ class CausalEvaluate(Strict):
     max_new_tokens: PositiveInt = 24
 
 
+class CausalCache(Strict):
+    """The teacher cache's own keys (causal_cache; its k is causal.top_k, which the arms read
+    too): how it is computed and stored, never what it holds (kd/causal/cache.py)."""
+
+    batch_size: PositiveInt = 8  # blocks per teacher forward
+    shard_blocks: PositiveInt = 128  # blocks per shard: what a kill can lose at most
+    logprobs: Literal["float16", "float32"] = "float16"  # the stored log-probabilities' type
+
+    @model_validator(mode="after")
+    def _check(self) -> CausalCache:
+        if self.batch_size > self.shard_blocks:
+            raise ValueError(
+                f"causal.cache.batch_size={self.batch_size} is more than a shard's "
+                f"causal.cache.shard_blocks={self.shard_blocks} blocks, and a shard is computed "
+                "in batches of its own rows: lower the batch size or raise shard_blocks"
+            )
+        return self
+
+
 class Causal(Strict):
     teacher: str = "default"
     block_size: Annotated[int, Field(ge=8, le=4096)] = 128
     train_blocks: PositiveInt | None = 960  # the first blocks of the train split; null = all
     test_blocks: PositiveInt | None = 32
     top_k: NonNegInt = 64  # the teacher cache's k; 0 = no cache, the logit term runs the teacher
+    cache: CausalCache = CausalCache()
     probe_examples: Annotated[int, Field(ge=0)] = 500  # texts of the probe section's set; 0 = no probe
     student: CausalStudent = CausalStudent()
     train: CausalTrain = CausalTrain()
