@@ -598,6 +598,7 @@ def replay(paths: list[Path], uri: str | None = None) -> int:
     """Send the queues kept in ``paths`` (files :meth:`Run.dump` wrote); returns how many
     metric points are still undelivered. A file fully sent is deleted; one that is not keeps
     what is left (and the run it was sent to, so a second replay adds to the same run)."""
+    _quick_http()
     left = 0
     for path in paths:
         meant_for = json.loads(Path(path).read_text())["spec"]["uri"]
@@ -638,6 +639,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     left = replay(files, args.tracking_uri)
     return 1 if left else 0
+
+
+def _quick_http() -> None:
+    # MLflow's HTTP client retries for minutes by default; a stage (or a replay) should learn
+    # within seconds that the server is down and keep its queue meanwhile. A user's own settings
+    # win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def _parent(client, exp_id: str, group: str, tags: Mapping[str, str]) -> str:
@@ -696,10 +705,7 @@ def start_run(
     if not enabled:
         yield Run(None)
         return
-    # MLflow's HTTP client retries for minutes by default; a stage should learn within seconds
-    # that the server is down and queue meanwhile. A user's own settings win.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    _quick_http()
     handle = Run(stage_spec(stage, arm, tags, run_id, system_metrics))
     handle.flush()  # the run shows as running from the start, when the backend answers
     if params:
