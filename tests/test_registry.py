@@ -52,7 +52,7 @@ def test_same_weights_one_version_new_weights_a_new_one_that_newest_loads(tmp_pa
     second = _register(folder, monkeypatch, "calm-heron")
     assert second != first
     name = registry.CAUSAL.name
-    assert client.get_model_version_by_alias(name, registry.ALIAS).version == second
+    assert str(client.get_model_version_by_alias(name, registry.ALIAS).version) == second
     loaded = mlflow.transformers.load_model(f"models:/{name}@{registry.ALIAS}")
     got = loaded.model.lm_head.weight[0, 0].item()
     want = tiny_llama(layers=2, vocab=len(WORDS) + 2, seed=0).lm_head.weight[0, 0].item() + 1.0
@@ -61,7 +61,7 @@ def test_same_weights_one_version_new_weights_a_new_one_that_newest_loads(tmp_pa
     # Back to the first weights: no third version, and newest follows them.
     _export(folder, seed=0)
     assert _register(folder, monkeypatch, "calm-heron") == first
-    assert client.get_model_version_by_alias(name, registry.ALIAS).version == first
+    assert str(client.get_model_version_by_alias(name, registry.ALIAS).version) == first
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
 
 
@@ -78,7 +78,7 @@ def test_both_families_register_under_their_own_names(tmp_path, monkeypatch, def
     assert _register(_export(tmp_path / "causal", seed=1), monkeypatch, "g") == "1"
     client = mlflow.MlflowClient()
     for entry in (registry.MLM, registry.CAUSAL):
-        assert client.get_model_version_by_alias(entry.name, registry.ALIAS).version == "1"
+        assert str(client.get_model_version_by_alias(entry.name, registry.ALIAS).version) == "1"
 
 
 def test_weights_digest_reads_the_weights_only(tmp_path) -> None:

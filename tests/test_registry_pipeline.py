@@ -17,7 +17,7 @@ EDIT = ("kd/core/optim.py", "lr=lr, fused=fused", "lr=lr * 2, fused=fused")
 
 
 def _versions(client) -> list[str]:
-    return sorted(v.version for v in client.search_model_versions(f"name = '{registry.NAME}'"))
+    return sorted(str(v.version) for v in client.search_model_versions(f"name = '{registry.NAME}'"))
 
 
 def test_a_code_edit_that_changes_the_weights_is_what_newest_loads(tiny_pipeline, tmp_path,
@@ -44,7 +44,7 @@ def test_a_code_edit_that_changes_the_weights_is_what_newest_loads(tiny_pipeline
     assert "Running stage 'train@multi'" in out
     versions = _versions(client)
     assert len(versions) == 2
-    newest = client.get_model_version_by_alias(registry.NAME, registry.ALIAS).version
+    newest = str(client.get_model_version_by_alias(registry.NAME, registry.ALIAS).version)
     assert newest != first
     assert client.get_model_version(registry.NAME, newest).tags[registry.DIGEST_TAG] == (
         registry.weights_digest(distilled)

@@ -80,7 +80,7 @@ def _register(mlflow, model_dir: Path, head: dict, tags: dict[str, str], entry: 
     name, digest = entry.name, weights_digest(model_dir)
     same = client.search_model_versions(f"name = '{name}' AND tag.`{DIGEST_TAG}` = '{digest}'")
     if same:
-        version = same[0].version
+        version = str(same[0].version)
     else:
         from transformers import pipeline
 
