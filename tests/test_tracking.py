@@ -114,16 +114,21 @@ def test_stage_runs_nest_under_one_parent_per_pipeline_execution(monkeypatch) ->
 
     client = _client()
     exp = client.get_experiment_by_name(tracking.EXPERIMENT)
-    parents = {r.info.run_name: r for r in client.search_runs([exp.experiment_id],
-                                                              tracking.PIPELINE_RUNS)}
+    parents = {
+        r.info.run_name: r for r in client.search_runs([exp.experiment_id], tracking.PIPELINE_RUNS)
+    }
     assert set(parents) == {"brisk-otter", "calm-heron"}
     otter = parents["brisk-otter"]
     assert otter.data.tags["mlflow.source.git.commit"] == "b" * 40
     assert otter.data.tags["kd.params_sha256"] == tracking.params_hash()
     assert otter.info.status == "FINISHED" and parents["calm-heron"].info.status == "FAILED"
     nested = {r.info.run_id: r.data.tags["mlflow.parentRunId"] for r in _runs(client)}
-    assert nested == {a.run_id: otter.info.run_id, b.run_id: otter.info.run_id,
-                      d.run_id: otter.info.run_id, c.run_id: parents["calm-heron"].info.run_id}
+    assert nested == {
+        a.run_id: otter.info.run_id,
+        b.run_id: otter.info.run_id,
+        d.run_id: otter.info.run_id,
+        c.run_id: parents["calm-heron"].info.run_id,
+    }
 
 
 def test_failed_body_marks_the_run_failed() -> None:
@@ -152,28 +157,17 @@ def test_flatten() -> None:
     }
 
 
-# --- degrading to a no-op ------------------------------------------------------------------------
+# --- nothing lost when the backend fails ---------------------------------------------------------
 
 
-def test_unreachable_backend_warns_once_and_runs_on(monkeypatch, capsys, tmp_path) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    # MLflow's default retries with back-off take ~4 minutes to give up on a dead server.
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    artifact = tmp_path / "a.txt"
-    artifact.write_text("x")
-    with tracking.start_run("train", params={"lr": 1}, arm="logit") as run:
-        assert not run.active
-        assert run.run_id is None
-        run.log_metrics({"loss": 1.0}, step=0)
-        run.log_params({"a": 1})
-        run.set_tags({"t": 1})
-        run.log_artifact(artifact)
-        run.log_artifacts(tmp_path)
-    err = capsys.readouterr().err
-    assert err.count("warning:") == 1
-    assert "cannot reach MLflow at http://127.0.0.1:9" in err
-    assert "DVC metrics and plots are still written" in err
+@pytest.fixture
+def pending(monkeypatch, tmp_path) -> Path:
+    """Where undelivered records are kept (the repository root's mlflow-pending/), with no wait
+    for the backend at a stage's end and a retry at every call."""
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv(tracking.FINAL_WAIT_ENV, "0")
+    monkeypatch.setenv(tracking.RETRY_ENV, "0")
+    return tmp_path / tracking.PENDING_DIR
 
 
 def test_disabled_run_is_a_no_op(capsys) -> None:
@@ -184,30 +178,156 @@ def test_disabled_run_is_a_no_op(capsys) -> None:
     assert capsys.readouterr().err == ""
 
 
-class _FlakyMlflow:
-    """Stands in for the mlflow module: every call fails, and counts."""
+class _Switch:
+    """An ``MlflowClient`` on the test's database that fails every call while ``down``."""
 
-    calls = 0
+    def __init__(self):
+        self.down = False
+        self.failed = 0
 
-    def __getattr__(self, name):
-        def fail(*args, **kwargs):
-            type(self).calls += 1
-            raise ConnectionError(f"{name}: database is locked")
+    def __call__(self, uri):
+        real = MlflowClient(tracking_uri=uri)
+        switch = self
 
-        return fail
+        class Client:
+            def __getattr__(self, name):
+                method = getattr(real, name)
+
+                def call(*args, **kwargs):
+                    if switch.down:
+                        switch.failed += 1
+                        raise ConnectionError(f"{name}: connection refused")
+                    return method(*args, **kwargs)
+
+                return call
+
+        return Client()
 
 
-def test_failure_mid_run_warns_once_then_no_ops(capsys) -> None:
-    run = tracking.Run(_FlakyMlflow(), "run-id")
-    assert run.active
-    run.log_metrics({"loss": 1.0}, step=0)
-    run.log_metrics({"loss": 2.0}, step=1)
-    run.set_tags({"a": 1})
-    assert not run.active
-    assert _FlakyMlflow.calls == 1
+def _history(run_id: str, key: str) -> list[tuple[int, int, float]]:
+    return sorted((m.step, m.timestamp, m.value) for m in _client().get_metric_history(run_id, key))
+
+
+def test_down_at_start_then_back_delivers_every_point_with_its_step_and_time(pending, capsys):
+    switch = _Switch()
+    switch.down = True
+    run = tracking.Run(tracking.stage_spec("train", "logit"), client=switch, fluent=False)
+    run.log_params({"lr": 0.1})
+    for step in (2, 4):
+        run.log_metrics({"loss": step / 10, "grad/l0": step}, step=step)
+    assert run.run_id is None and run.pending == 4
+    queued = list(run._metrics)
+    switch.down = False
+    run.log_metrics({"loss": 0.6, "grad/l0": 6}, step=6)
+    run.close("FINISHED")
+    assert run.pending == 0 and run.undelivered == 0 and not pending.exists()
+    got = _client().get_run(run.run_id)
+    # Opened late with the stage's own start time, before its first point.
+    assert got.info.start_time <= queued[0][2]
+    assert got.info.status == "FINISHED" and got.data.params == {"lr": "0.1"}
+    assert [s for s, _, _ in _history(run.run_id, "loss")] == [2, 4, 6]
+    assert [(s, t) for s, t, _ in _history(run.run_id, "loss")][:2] == [
+        (step, ms) for key, _, ms, step in queued if key == "loss"
+    ]
     err = capsys.readouterr().err
-    assert err.count("warning:") == 1
-    assert "log_metrics failed (ConnectionError" in err
+    assert err.count("warning:") == 1 and "answers again" in err
+
+
+def test_a_restart_mid_stage_loses_nothing(pending, capsys) -> None:
+    switch = _Switch()
+    run = tracking.Run(tracking.stage_spec("train", "multi"), client=switch, fluent=False)
+    for step in range(1, 11):
+        switch.down = step in (4, 5, 6, 9)  # two outages
+        run.log_metrics({"loss": 1 / step, "lr": 0.01}, step=step)
+    switch.down = False
+    run.close("FINISHED")
+    assert switch.failed >= 4
+    for key in ("loss", "lr"):
+        assert [s for s, _, _ in _history(run.run_id, key)] == list(range(1, 11))
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 2 and err.count("answers again") == 2
+
+
+def test_retries_wait_between_tries(pending, monkeypatch) -> None:
+    monkeypatch.setenv(tracking.RETRY_ENV, "3600")
+    switch = _Switch()
+    switch.down = True
+    run = tracking.Run(tracking.stage_spec("train"), client=switch, fluent=False)
+    for step in range(5):
+        run.log_metrics({"loss": 1.0}, step=step)
+    assert switch.failed == 1  # a down server costs one try per retry period, not one per call
+    switch.down = False
+    run.close("FINISHED")  # the end does not wait for the period
+    assert len(_history(run.run_id, "loss")) == 5
+
+
+def test_undelivered_is_kept_said_with_its_count_and_replayed(pending, monkeypatch, capsys):
+    """A server down for the whole stage: the run, its params, tags, points and artifact are
+    kept; the stage says how many points; `python -m kd.core.tracking replay` sends them into a
+    run with the stage's tags, nested under its pipeline execution."""
+    target = os.environ["MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-otter")
+    artifact = pending.parent / "work" / "train.csv"
+    artifact.parent.mkdir()
+    artifact.write_text("step,loss\n1,2.0\n")
+    with tracking.start_run("train", params={"lr": 1}, arm="logit", tags={"t": 1}) as run:
+        assert run.active and run.run_id is None
+        for step in (1, 2, 3):
+            run.log_metrics({"loss": 1.0 / step}, step=step)
+        run.log_artifact(artifact)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 2  # the failure, then the count
+    assert "train@logit: 3 of its 3 metric points" in err and tracking.REPLAY in err
+    [kept] = pending.glob("*.json")
+    artifact.unlink()  # a queued experiment's copy is gone by the time of the replay
+
+    assert tracking.main(["replay", "--tracking-uri", target]) == 0
+    assert not list(pending.glob("*.json"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", target)
+    [got] = _runs(_client())
+    assert got.data.tags["kd.arm"] == "logit" and got.data.tags["kd.dvc_exp"] == "brisk-otter"
+    assert got.data.tags["t"] == "1" and got.data.params == {"lr": "1"}
+    assert got.info.status == "FINISHED"
+    assert [s for s, _, _ in _history(got.info.run_id, "loss")] == [1, 2, 3]
+    [parent] = _client().search_runs([got.info.experiment_id], tracking.PIPELINE_RUNS)
+    assert got.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.info.run_name == "brisk-otter"
+    [listed] = _client().list_artifacts(got.info.run_id)
+    assert listed.path == "train.csv"
+
+
+def test_a_replay_that_fails_keeps_the_rest_for_the_next(pending, capsys) -> None:
+    switch = _Switch()
+    switch.down = True
+    run = tracking.Run(tracking.stage_spec("evaluate"), client=switch, fluent=False)
+    run.log_metrics({"a": 1.0, "b": 2.0}, step=0)
+    run.close("FINISHED")
+    [kept] = pending.glob("*.json")
+    assert tracking.replay([kept], uri="http://127.0.0.1:9") == 2
+    assert kept.exists()
+    assert tracking.replay([kept]) == 0 and not kept.exists()
+    [got] = _runs(_client())
+    assert got.data.metrics == {"a": 1.0, "b": 2.0}
+
+
+def test_a_refusal_is_dropped_and_counted_not_queued_forever(pending, capsys) -> None:
+    with tracking.start_run("train", params={"lr": 1}) as run:
+        run.log_params({"lr": 2})  # MLflow params are immutable
+        run.log_metrics({"loss": 1.0}, step=1)
+    assert run.undelivered == 0
+    err = capsys.readouterr().err
+    assert "refused 1 params" in err
+    assert _client().get_run(run.run_id).data.metrics == {"loss": 1.0}
+
+
+def test_call_when_unreachable_says_so_and_returns_none(pending, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with tracking.start_run("report") as run:
+        assert run.call(lambda mlflow: 1) is None
+    assert "was not done" in capsys.readouterr().err
 
 
 # --- inside real DVC experiments -----------------------------------------------------------------
