@@ -1,4 +1,4 @@
-"""report: headline keys, the seed comparison read off constructed numbers, figures and export."""
+"""report: headline keys, the original study's comparison read off constructed numbers, figures and export."""
 
 from __future__ import annotations
 
@@ -170,14 +170,14 @@ def test_scheme_neutral_keys_for_any_headline(tmp_path) -> None:
 @pytest.mark.parametrize(
     "logit, multi, winners, verdict",
     [
-        # logit wins everything: the seed's finding is reversed.
+        # logit wins everything: the original study's finding is reversed.
         (
             (0.3, 0.4, 2.0),
             (0.5, 0.6, 1.0),
             ("logit", "logit", "logit"),
             "does not hold: every claim is reversed or tied",
         ),
-        # multi wins everything, as in the seed report.
+        # multi wins everything, as in the original study.
         ((0.5, 0.6, 1.0), (0.3, 0.4, 2.0), ("multi", "multi", "multi"), "holds"),
         # mixed: multi lower on train only.
         (
@@ -198,7 +198,7 @@ def test_report_reads_the_winner_off_the_numbers(tmp_path, logit, multi, winners
     }
     for what, arm in lines.items():
         assert re.search(rf"\*\*{what.capitalize()}\*\*: \*\*{arm}\*\*", md), (what, md)
-    assert f"the seed's finding **{verdict}**" in md
+    assert f"the original study's finding **{verdict}**" in md
     f = report.findings(loaded)
     assert f["findings/lower_train_logit_kl"] == winners[0]
     assert f["findings/lower_test_logit_kl"] == winners[1]
@@ -259,7 +259,7 @@ def test_stage_writes_figures_report_metrics_and_distilled_model(
     ]
     assert all((out / p).stat().st_size > 1000 for p in pngs)
     md = (out / "report.md").read_text()
-    assert "the seed's finding **holds**" in md and "(fig3_train_logit_loss.png)" in md
+    assert "the original study's finding **holds**" in md and "(fig3_train_logit_loss.png)" in md
     m = read_json(tmp_path / "metrics" / "comparison.json")
     assert m["scheme"] == "multi" and m["findings/lower_test_logit_kl"] == "multi"
     head = read_json(tmp_path / "metrics" / "eval.json")

@@ -3,7 +3,7 @@
 Per batch of held-out blocks (``kd.causal.metrics.batch_scores``): the student's and the
 teacher's negative log-likelihood, KL(teacher ‖ student) at T = 1 over the whole vocabulary, and
 top-1 agreement, summed over the predicting positions; the split's figures are their per-position
-means (perplexity = exp(mean NLL)). The per-batch rows are what the seed's Figures 3–4 plot for
+means (perplexity = exp(mean NLL)). The per-batch rows are what the original study's Figures 3–4 plot for
 the MLM family: the logit loss of every held-out batch.
 """
 

@@ -1,4 +1,4 @@
-"""Held-out scores for causal LMs, per batch: what the seed's per-batch figures plot.
+"""Held-out scores for causal LMs, per batch: what the original study's per-batch figures plot.
 
 At each position t that has a real next token (both t and t + 1 unmasked), a causal LM predicts
 token t + 1. Per batch, summed over those positions so batches of any size combine exactly:

@@ -1,6 +1,6 @@
 """Dual tokenization, packing into fixed-length blocks, and the fixed evaluation masks.
 
-As in the seed report, every document is tokenized by the teacher's tokenizer *and* the
+As in the original study, every document is tokenized by the teacher's tokenizer *and* the
 student's, and the two must agree token for token: distilling logits over a vocabulary means
 position i of both models must see the same word piece. The first disagreement stops the stage
 with the document, position and both tokens, before anything is written.

@@ -1,7 +1,7 @@
 """One distillation step's forward: read both models' representations, compute the scheme's terms.
 
-Representations come from forward hooks (kd/distill/hooks.py) on the base encoder, as in the seed
-report; the 30,522-word prediction head runs only on the positions the logit term uses, because
+Representations come from forward hooks (kd/distill/hooks.py) on the base encoder, as in the original
+study; the 30,522-word prediction head runs only on the positions the logit term uses, because
 at every position it costs more than the rest of the step. The teacher runs under
 ``torch.inference_mode`` and yields only the layers the layer map needs.
 

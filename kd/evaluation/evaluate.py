@@ -7,7 +7,7 @@ The teacher runs once per batch and serves every number of that batch.
 
 Every student is scored at the same positions, the fixed masked ones, whatever positions its
 scheme trained on, so schemes rank on one measure. Per batch (one row per batch per split; the
-seed report's Figures 3-4 plot these):
+original study's Figures 3-4 plot these):
   logit_kl_t1       KL(p_T ‖ p_S) at T = 1: the logit loss every comparison uses
   logit_kl_train_t  T² · KL at the temperature T the scheme trained with at its last step (its
                     schedule's end): the training objective's own scale, an extra column

@@ -1,11 +1,11 @@
-"""The causal family's report: the seed's question asked of decoder LMs, from the causal stages' files.
+"""The causal family's report: the original study's question asked of decoder LMs, from the causal stages' files.
 
 Inputs are plain dicts (what causal_evaluate and causal_train wrote), so this module needs no
 model. For each evaluated model: held-out perplexity, KL(teacher ‖ student) at T = 1 per
 position, top-1 agreement with the teacher; for each arm: its training's logit loss and mean
-gradient norm per layer (the seed's Figure 5); for each (logit-only, multi-loss) pair of arms: the
+gradient norm per layer (the original study's Figure 5); for each (logit-only, multi-loss) pair of arms: the
 per-batch held-out KL difference with a 95 % paired interval over the test batches and the
-verdict of the seed's claim "the multi-loss arm has the lower logit loss" (one seed: the
+verdict of the original study's claim "the multi-loss arm has the lower logit loss" (one seed: the
 interval is over batches, not seeds), and the same for the mean gradient norm. Last, each
 prompt's greedy continuation by the teacher, the initial student and every arm, side by side;
 and the exported arm's numbers for its model card and registry entry (kd/report/card.py,
@@ -109,7 +109,7 @@ def markdown(info: Mapping, evals: Mapping[str, Mapping], trains: Mapping[str, M
             for a, t in trains.items()]  # fmt: skip
     lines += _table(["arm", "steps", "final logit loss", *(f"grad norm {k}" for k in layers)],
                     rows)
-    lines += ["## The seed report's finding, for causal LMs", ""]
+    lines += ["## The original study's finding, for causal LMs", ""]
     if not compared:
         lines += ["The arms do not include a logit-only and a multi-loss arm: nothing to compare.", ""]
     for c in compared:
@@ -122,7 +122,7 @@ def markdown(info: Mapping, evals: Mapping[str, Mapping], trains: Mapping[str, M
             f"- **Average gradient norm per layer**: {c['other']} "
             f"{fmt(c['grad_norm'].get(c['other']))} vs {c['base']} "
             f"{fmt(c['grad_norm'].get(c['base']))}: the multi-loss arm's is "
-            f"{'higher, as the seed found' if c['grad_norm_higher'] else 'not higher'}.",
+            f"{'higher, as the original study found' if c['grad_norm_higher'] else 'not higher'}.",
         ]
     lines += ["", "One seed: the intervals are over test batches. Over seeds, queue "
               "`dvc exp run --queue causal/dvc.yaml -S 'base.seed=1,2'`.", "",

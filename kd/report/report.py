@@ -1,10 +1,10 @@
-"""The experiment's result: headline metrics, the seed report's figures, and what the numbers say.
+"""The experiment's result: headline metrics, the original study's figures, and what the numbers say.
 
 Everything here reads the evaluate and train stages' outputs (kd/core/arms.py says where each trained
 scheme's live); nothing is computed twice and no number in the text is written by
 hand. "Logit loss" in the comparisons is the KL at T = 1 at the fixed masked positions
 (``logit_kl_t1``) for every student, whatever positions and temperature its scheme trained with.
-"Average gradient norm" is the seed's Figure 5 quantity: the per-layer gradient norms (before
+"Average gradient norm" is the original study's Figure 5 quantity: the per-layer gradient norms (before
 clipping) of the student's transformer layers, averaged over layers and steps; the "global" norm
 is over the student's own parameters (the projections have their own group).
 """
@@ -111,7 +111,7 @@ def best(arms: list[Arm], key: str, lower: bool) -> tuple[str | None, dict[str, 
     return (winners[0] if len(winners) == 1 else None), values
 
 
-# The seed report's three claims: the multi-loss arm has the lower train and test logit loss
+# The original study's three claims: the multi-loss arm has the lower train and test logit loss
 # and the higher average gradient norm than the logit-only arm.
 CLAIMS = (
     ("train/logit_kl_t1", True, "lower train logit loss"),
@@ -121,7 +121,7 @@ CLAIMS = (
 
 
 def findings(arms: list[Arm]) -> dict:
-    """Which arm wins each comparison, and whether the seed's finding holds for each
+    """Which arm wins each comparison, and whether the original study's finding holds for each
     (logit-only arm, multi-loss arm) pair."""
     out: dict = {}
     for key, lower, _ in CLAIMS:
@@ -193,7 +193,7 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def figures(arms: list[Arm], out: Path) -> list[Path]:
-    """The seed report's Figures 2-5, plus the per-layer gradient norms, as PNGs in ``out``."""
+    """The original study's Figures 2-5, plus the per-layer gradient norms, as PNGs in ``out``."""
     paths = []
 
     fig = Figure(figsize=(5.5 * len(arms), 4))
@@ -387,16 +387,16 @@ def _winner_line(arms: list[Arm], key: str, lower: bool, what: str) -> str:
 
 
 def _seed_section(arms: list[Arm]) -> list[str]:
-    lines = ["## The seed report's finding", ""]
+    lines = ["## The original study's finding", ""]
     pairs = [(lo, mu) for lo in arms if not lo.multi_loss for mu in arms if mu.multi_loss]
     if not pairs:
         return lines + [
-            "The seed report compares a logit-only arm with a multi-loss arm; this experiment's "
+            "The original study compares a logit-only arm with a multi-loss arm; this experiment's "
             "arms do not include one of each, so its finding cannot be checked here.",
             "",
         ]
     lines.append(
-        "The seed report found the multi-loss arm to have a lower logit loss on train and test "
+        "The original study found the multi-loss arm to have a lower logit loss on train and test "
         "batches and a higher average gradient norm than the logit-only arm (its Figures 3-5)."
     )
     lines.append("")
@@ -418,7 +418,7 @@ def _seed_section(arms: list[Arm]) -> list[str]:
             verdict = "does not hold: every claim is reversed or tied"
         else:
             verdict = f"does not hold in full ({n} of {len(CLAIMS)} claims hold)"
-        lines += ["", f"For {mu.name} vs {lo.name}, the seed's finding **{verdict}**.", ""]
+        lines += ["", f"For {mu.name} vs {lo.name}, the original study's finding **{verdict}**.", ""]
     return lines
 
 

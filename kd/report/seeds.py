@@ -1,4 +1,4 @@
-"""One experiment over several seeds: means, 95% intervals, and the seed report's claims.
+"""One experiment over several seeds: means, 95% intervals, and the original study's claims.
 
 Queue the seeds, run them, then aggregate::
 
@@ -29,7 +29,7 @@ difference that barely moves between seeds can be told apart from 0: that is the
 
 Pairs: every (logit-only arm, other arm), the logit-only arms being those whose scheme
 (``loss.schemes.<arm>.terms`` in the workspace's params) has ``logit`` as its one non-zero term;
-when the params do not say, the arm named ``logit``. Each claim of the seed report
+when the params do not say, the arm named ``logit``. Each claim of the original study
 (kd.report.report.CLAIMS: lower train and test logit loss, higher average gradient norm for the
 multi-loss arm) gets a verdict from the difference's CI: "holds" when it lies entirely on the
 claimed side of 0, "reversed" when entirely on the other side, "not distinguishable" otherwise.
@@ -507,7 +507,7 @@ def markdown(result: Mapping) -> str:
         for key, c in claims.items():
             s = pair["metrics"][key]
             lines.append(
-                f"- The seed report's claim that {c['claim']}: **{c['verdict']}** "
+                f"- The original study's claim that {c['claim']}: **{c['verdict']}** "
                 f"(difference {fmt(s['mean'])}, {_ci(s)}, p = {fmt(s['p'])})."
             )
         lines.append("")

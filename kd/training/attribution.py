@@ -1,6 +1,6 @@
 """Which loss term drives which layer: each term's own gradient, on the step's own forward.
 
-The seed report explains the multi-loss arm's larger gradient norm by its hidden-state loss
+The original study explains the multi-loss arm's larger gradient norm by its hidden-state loss
 without measuring it. Here, every ``train.attribution_every`` steps, the gradient of each weighted
 term alone, g_k = ∇_θ (w_k · L_k), is taken with ``torch.autograd.grad`` on the graph that the
 combined loss then backpropagates through (``retain_graph``): no extra forward runs and no random
