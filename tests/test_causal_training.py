@@ -37,7 +37,7 @@ def blocks(n: int = 12, length: int = 12) -> torch.Tensor:
 def run_train(distiller, teacher, data, cache, cfg, tmp_path, resume=None):
     batches = NextTokenBlocks(data, cache, distiller.student, cfg)
     return loop.train(distiller, teacher, batches, cfg, seed=0, device=CPU, precision="fp32",
-                      run=Run(None, None), ckpt_dir=tmp_path / "ckpt", fingerprint="f",
+                      run=Run(None), ckpt_dir=tmp_path / "ckpt", fingerprint="f",
                       resume=resume)  # fmt: skip
 
 
