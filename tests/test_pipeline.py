@@ -336,7 +336,8 @@ def test_bad_override_fails_before_any_work(bad_input_repo, override, key) -> No
     assert outputs() == before, out
 
 
-def test_unreachable_tracking_server_warns_once_and_writes_outputs(tiny_pipeline, tmp_path) -> None:
+def test_unreachable_tracking_server_warns_keeps_the_points_and_writes_outputs(tiny_pipeline,
+                                                                              tmp_path) -> None:
     repo = tiny_pipeline.clone(tiny_pipeline.repo.path, tmp_path / "repo")
     metrics = repo.path / "data" / "train" / "logit.json"
     plot = repo.path / "data" / "train" / "logit.csv"
@@ -354,8 +355,12 @@ def test_unreachable_tracking_server_warns_once_and_writes_outputs(tiny_pipeline
     assert rc == 0, stdout + stderr
     assert _ran(stdout) == {"train@logit"}, stdout
     warnings = [line for line in stderr.splitlines() if "warning" in line.lower()]
-    assert len(warnings) == 1 and "MLflow" in warnings[0], stderr
+    # One line when MLflow first fails, one at the stage's end with what it kept and how to send it.
+    assert len(warnings) == 2 and "MLflow" in warnings[0], stderr
     assert "http://127.0.0.1:9" in warnings[0]
+    [pending] = list((repo.path / "mlflow-pending").glob("*train-logit*.json"))
+    assert "python -m kd.core.tracking replay" in warnings[1] and str(pending) in warnings[1]
+    assert re.search(r"(\d+) of its \1 metric points", warnings[1]), warnings[1]
     assert metrics.stat().st_mtime_ns > stamps[0] and plot.stat().st_mtime_ns > stamps[1]
     assert read_json(metrics) == before  # no wall time in it: the same bytes again
 
