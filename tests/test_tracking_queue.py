@@ -9,6 +9,7 @@ import io
 import time
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from kd.core import tracking
@@ -36,8 +37,9 @@ def _train_csv(repo, name: str, arm: str) -> dict[str, list[int]]:
     """Steps per column of the experiment's train CSV (committed into its ref by DVC)."""
     refs = repo.run("git", "for-each-ref", "--format=%(refname)", "refs/exps").split()
     [ref] = [r for r in refs if r.endswith(f"/{name}")]
-    path = next(p for p in repo.run("git", "ls-tree", "-r", "--name-only", ref).split()
-                if p.endswith(f"{arm}/train.csv"))  # fmt: skip
+    # paths.train holds <arm>.csv (git-tracked, so in the experiment's commit).
+    train_dir = yaml.safe_load((repo.path / "params.yaml").read_text())["paths"]["train"]
+    path = f"{train_dir}/{arm}.csv"
     rows = list(csv.DictReader(io.StringIO(repo.run("git", "show", f"{ref}:{path}"))))
     assert rows, path
     return {tracking.metric_key(k): [int(r["step"]) for r in rows if r[k] != ""]

@@ -108,7 +108,9 @@ def run(arm: Arm, distiller: nn.Module, teacher: nn.Module | None, batches, cfg,
         # Prefixed: "tokens" is also a per-step curve, which a step-less point would join.
         mlrun.log_metrics({f"summary/{k}": v for k, v in result.summary.items()
                            if isinstance(v, float | int)}, step=steps)  # fmt: skip
-        mlrun.log_metrics({f"time/{k}": v for k, v in result.timing.items()}, step=steps)
+        # time/total/...: the per-step curve time/seconds must not get a second point at the
+        # last step (a queued experiment's history would hold one more point than its CSV).
+        mlrun.log_metrics({f"time/total/{k}": v for k, v in result.timing.items()}, step=steps)
     checkpoint.remove(arm.ckpt_dir)
     kdist.shutdown(dist)
     print(f"{arm.name}: {result.summary['steps']} steps, {result.timing['tokens_per_s']:.0f} "
