@@ -79,3 +79,11 @@ def test_pieces_spell_the_text_back_even_inside_a_character(tok) -> None:
     # 日 is 3 bytes the corpus never merged: three tokens, ending at bytes 1, 2, 3.
     assert P.byte_ends(pieces, ids)[:3] == [1, 2, 3]
     assert P.byte_lengths(pieces, [*ids, tok.eos_token_id])[-1] == 0
+
+
+def test_an_added_plain_token_is_its_text() -> None:
+    # Added tokens are stored as written, not through the byte table (" " has no entry there).
+    tok = train_byte_bpe(TEXTS, vocab_size=300)
+    tok.add_tokens(["hello world"])
+    pieces = P.vocab_pieces(tok)
+    assert pieces[tok.convert_tokens_to_ids("hello world")] == b"hello world"

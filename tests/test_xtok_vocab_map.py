@@ -139,3 +139,13 @@ def test_two_byte_level_tokenizers_map_every_text_token(tok) -> None:
     unpinned = map_tokenizers(tok, student, pin_eos=False)
     assert unpinned.rule[tok.eos_token_id] == LEFTOVER and unpinned.counts()["leftover"] == 1
     assert math.isclose(m.counts()["exact"] + m.counts()["prefix"], len(tok))
+
+
+def test_logit_widths_padded_past_the_tokenizers(tok) -> None:
+    v = len(tok)
+    m = map_tokenizers(tok, tok, teacher_size=v + 4, student_size=v + 8)
+    assert m.student_size == v + 8 and len(m.student_ids) == v + 4
+    assert torch.equal(m.student_ids[:v], torch.arange(v))
+    assert (m.student_ids[v:] == -1).all() and (m.rule[v:] == LEFTOVER).all()
+    with pytest.raises(ValueError, match="student_size"):
+        map_tokenizers(tok, tok, student_size=v - 1)

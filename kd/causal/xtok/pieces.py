@@ -69,10 +69,8 @@ def _family(tokenizer) -> str:
 def vocab_pieces(tokenizer) -> list[Piece]:
     """The piece of every id ``0 .. len(tokenizer) − 1`` of a Hugging Face fast tokenizer."""
     family = _family(tokenizer)
-    specials = set(tokenizer.all_special_ids)
-    for idx, added in tokenizer.added_tokens_decoder.items():
-        if added.special:
-            specials.add(idx)
+    added = tokenizer.added_tokens_decoder
+    specials = set(tokenizer.all_special_ids) | {i for i, a in added.items() if a.special}
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     pieces: list[Piece] = []
     for idx, token in enumerate(tokens):
@@ -80,6 +78,8 @@ def vocab_pieces(tokenizer) -> list[Piece]:
             pieces.append("")
         elif idx in specials:
             pieces.append(token)
+        elif idx in added:  # an added non-special token is stored as its text, not remapped
+            pieces.append(added[idx].content.encode("utf-8"))
         elif family == "byte_level":
             pieces.append(byte_level_bytes(token))
         elif family == "sentencepiece":

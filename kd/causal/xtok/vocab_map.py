@@ -121,13 +121,37 @@ def build_vocab_map(
     )
 
 
-def vocab_map(teacher_tokenizer, student_tokenizer, *, pin_eos: bool = True, **rules) -> VocabMap:
+def _padded(pieces: list[Piece], size: int | None, side: str) -> list[Piece]:
+    if size is None:
+        return pieces
+    if size < len(pieces):
+        raise ValueError(f"{side}_size {size} is below the tokenizer's {len(pieces)} ids")
+    return pieces + [""] * (size - len(pieces))
+
+
+def vocab_map(
+    teacher_tokenizer,
+    student_tokenizer,
+    *,
+    pin_eos: bool = True,
+    teacher_size: int | None = None,
+    student_size: int | None = None,
+    **rules,
+) -> VocabMap:
     """:func:`build_vocab_map` from two Hugging Face fast tokenizers; ``pin_eos`` maps the
-    teacher's EOS to the student's whatever their names, since both mean "the text ends"."""
+    teacher's EOS to the student's whatever their names, since both mean "the text ends".
+
+    ``teacher_size`` / ``student_size``: the models' logit widths where they exceed the
+    tokenizers' (embeddings padded to a multiple of 64 or 128); the padding ids stand for
+    nothing, so a teacher one is leftover and a student one is never a target.
+    """
     pinned = dict(rules.pop("pinned", None) or {})
     t_eos, s_eos = teacher_tokenizer.eos_token_id, student_tokenizer.eos_token_id
     if pin_eos and t_eos is not None and s_eos is not None:
         pinned.setdefault(t_eos, s_eos)
     return build_vocab_map(
-        vocab_pieces(teacher_tokenizer), vocab_pieces(student_tokenizer), pinned=pinned, **rules
+        _padded(vocab_pieces(teacher_tokenizer), teacher_size, "teacher"),
+        _padded(vocab_pieces(student_tokenizer), student_size, "student"),
+        pinned=pinned,
+        **rules,
     )
