@@ -69,7 +69,12 @@ def uld_per_position(
 def uld_loss(
     student_logits: Tensor, teacher: TopK, temperature: float = 1.0, include_rest: bool = True
 ) -> Tensor:
-    """T² · (1/N) · Σ_n ULD(p_n, q_n); see :func:`uld_per_position`."""
+    """T² · (1/N) · Σ_n ULD(p_n, q_n); see :func:`uld_per_position`.
+
+    T² is kept for one scaling across every loss. Hinton's argument for it is about KL, whose
+    gradient in the logits shrinks as 1/T²; an L1 distance's shrinks only as 1/T, so at T > 1
+    this ULD's gradient grows with T. Weigh it against the mapped loss at the T it will run at.
+    """
     return (
         uld_per_position(student_logits, teacher, temperature, include_rest).mean() * temperature**2
     )
