@@ -10,6 +10,7 @@ from kd.bench import causal
 
 
 @pytest.mark.slow
+@pytest.mark.long  # every row of the benchmark, TRL's included: half a minute
 def test_causal_benchmark_rows_agree(tmp_path) -> None:
     out = tmp_path / "causal.json"
     argv = ["--layers", "4", "--student-layers", "2", "--batch-size", "2", "--seq-len", "8",

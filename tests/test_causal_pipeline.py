@@ -1,9 +1,10 @@
 """The causal family as a user runs it: the pipeline causal/dvc.yaml, on a tiny random Llama
 teacher (a local folder) and a word-level tokenizer, with DVC.
 
-One `dvc repro causal/dvc.yaml` per module (about a minute); the tests then read what it wrote,
-check the params each stage read against causal/dvc.yaml, and (the `long` ones) change things as
-a user would with `dvc exp run causal/dvc.yaml`, or edit one byte of a module.
+One `dvc repro causal/dvc.yaml` per module (minutes on 2 cores, so the module runs in the long
+tier); the tests then read what it wrote, check the params each stage read against
+causal/dvc.yaml, and change things as a user would with `dvc exp run causal/dvc.yaml`, or edit
+one byte of a module.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from tiny import tiny_llama, topic_folder, word_tokenizer
 
 from kd.core.params import TRACE_ENV
 
-pytestmark = pytest.mark.slow
+# The whole module is long: its fixture is a whole causal `dvc repro` (minutes), which the
+# long tier builds anyway for the rerun tests; the default run keeps tests/test_causal_*.py's
+# unit tests of every stage's library.
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 PIPELINE = "causal/dvc.yaml"
 CAUSAL = [
@@ -158,7 +162,6 @@ def _status(repo: GitDvcRepo) -> set[str]:
     return {s.removeprefix(PIPELINE + ":") for s in listed}
 
 
-@pytest.mark.long
 def test_a_clone_reruns_nothing_and_leaves_git_clean(causal_run, tmp_path) -> None:
     """A fresh clone (git alone, then the DVC cache) reproduces nothing and rewrites no byte:
     the committed locks are as DVC writes them."""
@@ -175,7 +178,6 @@ def test_a_clone_reruns_nothing_and_leaves_git_clean(causal_run, tmp_path) -> No
     assert clone.run("git", "status", "--porcelain").strip() == ""
 
 
-@pytest.mark.long
 def test_editing_one_byte_reruns_only_the_stages_that_execute_it(causal_run, tmp_path) -> None:
     """The deps are file by file: an edit to the training code lists the arms' training (and,
     through its outputs, what reads them), never the teacher, its tokens or its cache."""
@@ -208,7 +210,6 @@ def test_editing_one_byte_reruns_only_the_stages_that_execute_it(causal_run, tmp
     assert _status(repo) == set()
 
 
-@pytest.mark.long
 def test_a_second_repro_reruns_nothing_and_an_arm_change_reruns_that_arm(causal_run,
                                                                         tmp_path) -> None:
     from conftest import TinyPipeline

@@ -62,6 +62,8 @@ def test_two_processes_match_one(tmp_path):
     assert len(client.get_metric_history(runs[0].info.run_id, "loss/total")) == 4
 
 
+@pytest.mark.slow
+@pytest.mark.long  # two training processes
 def test_gradient_accumulation_matches_full_batch(tmp_path):
     one, acc = tmp_path / "one", tmp_path / "acc"
     run([sys.executable, str(WORKER), str(one)], tmp_path, f"sqlite:///{tmp_path}/a.db")
@@ -86,6 +88,8 @@ def test_the_causal_family_on_two_processes_matches_one(tmp_path):
     compare(torch.load(one / "result.pt"), torch.load(two / "result.pt"))
 
 
+@pytest.mark.slow
+@pytest.mark.long  # two training processes
 def test_causal_gradient_accumulation_matches_full_batch(tmp_path):
     from tiny import write_causal_cache
 

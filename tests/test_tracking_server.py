@@ -71,6 +71,7 @@ def _counts(db: Path, run_id: str) -> dict[str, list[int]]:
     return {k: sorted(m.step for m in client.get_metric_history(run_id, k)) for k in KEYS}
 
 
+@pytest.mark.long  # a real server started twice around a training stage
 def test_a_server_down_at_the_start_and_restarted_mid_stage_loses_no_point(
     tmp_path, monkeypatch, capsys
 ) -> None:
