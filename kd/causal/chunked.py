@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kd.causal.divergences import Divergence, TopK, per_position
+from kd.causal.divergences import Divergence, TopK, check_temperature, per_position
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,7 @@ def chunked_next_token_loss(
         bias: [V] the head's bias, if it has one.
         chunk_size: positions per block: peak memory ∝ chunk_size · V.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:

@@ -157,6 +157,12 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def check_temperature(temperature: float) -> None:
+    """Refuse T <= 0: every loss here divides the logits by T."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
 def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """log softmax(z / T) over the last axis, in float32 at least."""
     z = logits.to(_compute_dtype(logits))
@@ -207,6 +213,5 @@ def next_token_loss(
     student_logits: Tensor, teacher: Tensor | TopK, div: Divergence, temperature: float = 1.0
 ) -> Tensor:
     """T² · (1/N) · Σ_n D(p_n, q_n) over N positions (rows) — the unchunked reference."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     return per_position(student_logits, teacher, div, temperature).mean() * temperature**2

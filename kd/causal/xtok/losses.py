@@ -14,18 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd.causal.divergences import Divergence, TopK, log_probs, top_k
+from kd.causal.divergences import Divergence, TopK, check_temperature, log_probs, top_k
 from kd.causal.xtok.vocab_map import VocabMap
 
 
 def _at_least_float32(t: Tensor) -> Tensor:
     # Sums over a vocabulary lose most of their precision in bf16 (as in divergences.py).
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _check_temperature(temperature: float) -> None:
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
 # --- ULD ----------------------------------------------------------------------------------------
@@ -52,7 +47,7 @@ def uld_per_position(
     (``rest`` None, V_teacher ≤ V_student) it is exactly the paper's zero-padding term, so the
     loss is then exactly ULD.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     k = teacher.logprobs.shape[-1]
     vocab = student_logits.shape[-1]
     p = _at_least_float32(teacher.logprobs).exp().sort(-1, descending=True).values
@@ -166,7 +161,7 @@ def mapped_per_position(
     student ids the usual same-vocabulary divergences apply, and with one tokenizer on both
     sides (the identity map) it is exactly :func:`~kd.causal.divergences.next_token_loss`.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     p, q = mapped_supports(student_logits, teacher, vmap, temperature)
     return div(p, q)
 
