@@ -180,12 +180,12 @@ class GitDvcRepo:
         self.run("git", "commit", "-q", "-m", message)
         return self.run("git", "rev-parse", "HEAD").strip()
 
-    def run_queue(self, deadline_s: float = 600) -> str:
-        """``dvc queue start``, wait until nothing is queued or running, stop the workers;
-        returns the last ``dvc queue status``."""
+    def run_queue(self, deadline_s: float = 600, jobs: int = 1) -> str:
+        """``dvc queue start -j jobs``, wait until nothing is queued or running, stop the
+        workers; returns the last ``dvc queue status``."""
         import time
 
-        self.run("dvc", "queue", "start")
+        self.run("dvc", "queue", "start", "-j", str(jobs))
         try:
             end = time.monotonic() + deadline_s
             while time.monotonic() < end:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import time
 
 import pytest
 import yaml
@@ -18,20 +17,6 @@ from kd.core import tracking
 pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 ARMS = ("logit", "multi")
-
-
-def _run_queue(repo, jobs: int, deadline_s: float = 1500) -> str:
-    repo.run("dvc", "queue", "start", "-j", str(jobs))
-    try:
-        end = time.monotonic() + deadline_s
-        while time.monotonic() < end:
-            status = repo.run("dvc", "queue", "status")
-            if not any(s in status for s in ("Queued", "Running")):
-                return status
-            time.sleep(5)
-        raise AssertionError(f"the DVC queue did not finish in {deadline_s}s:\n{status}")
-    finally:
-        repo.run("dvc", "queue", "stop", timeout=60)
 
 
 def _train_csv(repo, name: str, arm: str) -> dict[str, list[int]]:
@@ -56,7 +41,7 @@ def test_parallel_queued_experiments_lose_no_point(tiny_pipeline, tmp_path, jobs
         # Only the training stages (and what they need, already up to date) rerun.
         repo.run("dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={(i + 2) * 1e-3}",
                  "train")  # fmt: skip
-    status = _run_queue(repo, jobs)
+    status = repo.run_queue(deadline_s=1500, jobs=jobs)
     assert status.count("Success") == jobs, status
 
     assert not (repo.path / tracking.PENDING_DIR).exists()
