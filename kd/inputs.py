@@ -63,11 +63,11 @@ def canonical(name: str) -> str:
 
 
 def read_lock(path: Path = LOCK) -> dict[str, str]:
-    """``name==version`` pins of a pip-compile lock file, by canonical name."""
+    """``name==version`` pins of the lock file (pip-compile's, see .ci/lock), by canonical name."""
     if not path.exists():
         raise SystemExit(
-            f"{path} not found: it pins the Python environment (regenerate it with the "
-            "pip-compile command in its header, or restore it with `git checkout`)"
+            f"{path} not found: it pins the Python environment (regenerate it with "
+            "`bash .ci/lock`, the command in its header, or restore it with `git checkout`)"
         )
     pins = {}
     for line in path.read_text().splitlines():
@@ -92,8 +92,8 @@ def check_versions(packages: list[str], pins: dict[str, str]) -> dict[str, str]:
         have, want = installed(package), pins.get(canonical(package))
         if want is None:
             raise SystemExit(
-                f"{LOCK} pins no version of {package}: regenerate it with the pip-compile "
-                "command in its header"
+                f"{LOCK} pins no version of {package}: regenerate it with `bash .ci/lock`, "
+                "the command in its header"
             )
         if Version(have).public != Version(want).public:
             wrong.append(f"{package} {have} (the lock pins {want})")
