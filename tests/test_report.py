@@ -203,7 +203,7 @@ def test_report_reads_the_winner_off_the_numbers(tmp_path, logit, multi, winners
     assert f["findings/lower_train_logit_kl"] == winners[0]
     assert f["findings/lower_test_logit_kl"] == winners[1]
     assert f["findings/higher_mean_grad_norm"] == winners[2]
-    assert f["findings/seed_holds/multi_vs_logit"] == (verdict == "holds")
+    assert f["findings/study_holds/multi_vs_logit"] == (verdict == "holds")
 
 
 def test_tie_names_no_winner(tmp_path) -> None:

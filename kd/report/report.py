@@ -133,7 +133,7 @@ def findings(arms: list[Arm]) -> dict:
         for key, lower, _ in CLAIMS:
             a, b = _value(arm_metrics(mu).get(key)), _value(arm_metrics(lo).get(key))
             holds.append(a < b if lower else a > b)
-        out[f"findings/seed_holds/{mu.name}_vs_{lo.name}"] = all(holds)
+        out[f"findings/study_holds/{mu.name}_vs_{lo.name}"] = all(holds)
     return out
 
 
@@ -386,7 +386,7 @@ def _winner_line(arms: list[Arm], key: str, lower: bool, what: str) -> str:
     return f"- **{what.capitalize()}**: **{name}** ({listed})."
 
 
-def _seed_section(arms: list[Arm]) -> list[str]:
+def _study_section(arms: list[Arm]) -> list[str]:
     lines = ["## The original study's finding", ""]
     pairs = [(lo, mu) for lo in arms if not lo.multi_loss for mu in arms if mu.multi_loss]
     if not pairs:
@@ -442,7 +442,7 @@ def markdown(arms: list[Arm], headline: str, figs: list[Path], floor: Arm | None
         _winner_line(arms, "test/logit_kl_t1", True, "lower test logit loss"),
         _winner_line(arms, "mean_grad_norm", False, "higher average gradient norm"),
         "",
-        *_seed_section(arms),
+        *_study_section(arms),
         "## Logit loss (Figures 3 and 4)",
         "",
         *_table(
