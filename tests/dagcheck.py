@@ -84,7 +84,7 @@ def module_file(root: Path, name: str) -> Path | None:
     return None
 
 
-def _imports(tree: ast.AST) -> set[str]:
+def project_imports(tree: ast.AST) -> set[str]:
     """Every module an ``import`` or ``from ... import`` anywhere in ``tree`` may load: the
     module itself and, for ``from pkg import name``, ``pkg.name`` (a submodule, if it is one)."""
     names: set[str] = set()
@@ -122,7 +122,7 @@ def closure(root: Path, modules: list[str]) -> set[str]:
         files.add(path)
         parts = name.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
-        todo += sorted(_imports(ast.parse(path.read_text(), str(path))))
+        todo += sorted(project_imports(ast.parse(path.read_text(), str(path))))
     return {p.relative_to(root).as_posix() for p in files if executes_code(p)}
 
 

@@ -1,4 +1,4 @@
-"""Every class of bad input the pipeline refuses, and what it says (the README's table).
+"""Every class of bad input the pipeline refuses, and what it says (docs/faults.md's table).
 
 Each case changes one thing in a small valid project (the tiny teacher, a tiny text corpus, a tiny
 probe set) and runs the check_params gate, `kd.preflight`, in-process through the same
@@ -8,7 +8,7 @@ file and the fix. The worst cases also go through a real `dvc repro` (tests/test
 `test_bad_input_is_refused_before_dvc_deletes_anything`), which checks that every file under
 data/ stays byte-identical.
 
-The README's table lists every case (a test checks it); `pytest -rA -k refused` prints each
+docs/faults.md's table lists every case (a test checks it); `pytest -rA -k refused` prints each
 message as it is today (shown with -s).
 """
 
@@ -284,7 +284,7 @@ def test_bad_input_is_refused_with_the_key_and_the_fix(case, project, capsys) ->
     case.change(root, raw)
     causal = case.id.startswith("causal_")  # the causal pipeline's own gate
     code, seen = refusal(root, raw, capsys, case.text, causal_main if causal else preflight_main)
-    print(f"| {case.what} | {' '.join(str(seen).split())} |")  # the README's row (pytest -s)
+    print(f"| {case.what} | {' '.join(str(seen).split())} |")  # docs/faults.md's row (pytest -s)
     assert code not in (0, None)
     if case.status is not None:  # SystemExit(message) is printed by Python and exits 1
         assert (1 if isinstance(code, str) else code) == case.status, code
@@ -339,10 +339,10 @@ def test_a_stage_run_before_its_inputs_names_the_stage_to_run(
     assert needs in caught.value.code and "dvc repro" in caught.value.code
 
 
-def test_the_readme_lists_every_case() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    missing = [c.what for c in CASES if f"| {c.what} |" not in readme]
-    assert not missing, f"cases the README's table of refused inputs lacks: {missing}"
+def test_the_faults_page_lists_every_case() -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "faults.md").read_text()
+    missing = [c.what for c in CASES if f"| {c.what} |" not in page]
+    assert not missing, f"cases docs/faults.md's table of refused inputs lacks: {missing}"
 
 
 def test_a_hub_corpus_or_probe_set_that_cannot_be_opened_is_one_paragraph() -> None:
