@@ -189,7 +189,7 @@ def test_editing_one_byte_reruns_only_the_stages_that_execute_it(causal_run, tmp
     listed = {}
     for module in ("kd/causal/distiller.py", "kd/causal/batches.py", "kd/causal/evaluate.py",
                    "kd/causal/tokens.py", "kd/causal/cache.py", "kd/report/causal.py",
-                   "kd/training/loop.py", "stages/causal_report.py"):
+                   "kd/training/loop.py", "kd/preflight/causal.py", "stages/causal_report.py"):
         path = repo.path / module
         before = path.read_bytes()
         path.write_bytes(before + b"#")
