@@ -114,7 +114,7 @@ def test_quick_benchmark_end_to_end_writes_json_and_plot(tmp_path):
             ):
                 assert key in r
             assert r["agreement"]["ok"], r["agreement"]
-        # The README's "× TextBrewer" ratios need this row to run (textbrewer is a dev
+        # docs/performance.md's "× TextBrewer" ratios need this row to run (textbrewer is a dev
         # dependency), to compute the same loss terms as the others, and to do the naive row's
         # work (its logit term over the full vocabulary at every position).
         tb = rows["textbrewer"]

@@ -1,5 +1,5 @@
 """The chunked-loss benchmark (python -m kd.bench.chunked_loss) compares like with like, and the
-memory curve the README reports from it (−71 % at 1,024 positions, −92 % at 4,096: the chunked
+memory curve docs/performance.md reports from it (−71 % at 1,024 positions, −92 % at 4,096: the chunked
 loss's added peak stays flat while the unchunked one grows with the positions) holds."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_the_chunked_loss_adds_a_flat_fraction_of_the_unchunked_peak(tmp_path) -
         u, c = rows[("unchunked", n)], rows[("chunked", n)]
         # The same inputs (one seed) and the same loss, computed two ways.
         assert c["loss"] == pytest.approx(u["loss"], rel=1e-5)
-        # The README's smallest saving is −71 %; at these widths the logits weigh even more.
+        # docs/performance.md's smallest saving is −71 %; at these widths the logits weigh even more.
         assert c["peak_mib"] < 0.29 * u["peak_mib"], (n, c, u)
         assert result["table"][2 + (n == 2048)].startswith(f"| {n} |")
     u_growth = rows[("unchunked", 2048)]["peak_mib"] - rows[("unchunked", 512)]["peak_mib"]

@@ -28,7 +28,7 @@ BATCHES = [0, 1]  # evaluate.test_batches = evaluate.train_batches = 2
 INTERMEDIATE = ("loss/hidden", "loss/attention", "loss/embedding")
 # The stage runs of the tiny `dvc repro` that the comparison needs (dvc.yaml has more).
 CORE = {"train@logit", "train@multi", "evaluate@logit", "evaluate@multi", "report"}
-# Set to a folder to keep the browser's pictures there (the README's runs-page picture).
+# Set to a folder to keep the browser's pictures there (docs/mlflow.md's runs-page picture).
 SHOTS_ENV = "KD_UI_SHOTS"
 
 

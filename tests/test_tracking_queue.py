@@ -1,5 +1,5 @@
 """Queued experiments run in parallel (`dvc queue start -j 4`, on 2 cores: more writers than
-cores, the harder case of the README's `-j 2`) on the tiny pipeline
+cores, the harder case of docs/results.md's `-j 2`) on the tiny pipeline
 all track into the repository's one SQLite database, and none of their points is lost: each
 training run's history has exactly the rows of its train CSV, per metric key and step."""
 

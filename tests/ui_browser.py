@@ -1,11 +1,11 @@
-"""A real ``mlflow server`` and a real browser on it: for the tests, and for the README's pictures.
+"""A real ``mlflow server`` and a real browser on it: for the tests, and for docs/mlflow.md's pictures.
 
 The server serves a tracking database on 127.0.0.1. The browser is Debian's Chromium driven by
 Playwright (``.ci/run`` installs both). It reaches the server as ``kd.localhost``, which Chromium
 resolves to 127.0.0.1: on a page served from ``localhost``/``127.0.0.1`` the UI opens its MLflow
 Assistant panel over a third of the window on first load, and a screenshot should show the charts.
 
-``python tests/ui_browser.py mlflow.db .ci/readme`` takes the README's pictures of the newest
+``python tests/ui_browser.py mlflow.db .ci/readme`` takes docs/mlflow.md's pictures of the newest
 training runs in a database (the default run's, in this repository's ``mlflow.db``).
 """
 
@@ -148,7 +148,7 @@ def expand_parents(pg, url: str, parents: list[str], timeout_ms: float = 60_000)
 
 
 def readme_pictures(db: Path, out: Path) -> list[Path]:
-    """The README's pictures of the newest training runs in ``db``: the arms' ``loss/logit`` and
+    """docs/mlflow.md's pictures of the newest training runs in ``db``: the arms' ``loss/logit`` and
     per-layer gradient norms, each overlaid on the UI's metric page."""
     import mlflow
 
