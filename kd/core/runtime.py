@@ -104,7 +104,7 @@ def attention_implementation(choice: str, device: torch.device) -> str:
     (flash attention for CPU) has a forward as fast as eager's but a backward several times
     slower: on the default teacher (6 × 12 heads, batch 16 × 128, bf16, 2 cores) its backward
     took ~22 % of the whole training step, and eager made that step 1.39× faster and a
-    distillation step 1.17–1.20× (docs/performance.md). On CUDA the fused kernels win, so SDPA stays. Models that only run forward
+    distillation step 1.17–1.20× (README, Performance). On CUDA the fused kernels win, so SDPA stays. Models that only run forward
     keep whatever they loaded with.
     """
     if choice != "auto":
@@ -136,7 +136,7 @@ def keep_freed_memory() -> bool:
     threshold with a fresh ``mmap`` and unmaps it on free, and trims the heap's top as soon as
     128 KiB are free, so every step faults its temporaries back in page by page: ~4 s of kernel
     time in a 20-step run. Serving blocks up to 32 MiB from the heap and keeping the heap made
-    the multi arm's step in the training loop 782 → 695 ms (docs/performance.md); the numbers
+    the multi arm's step in the training loop 782 → 695 ms (README, Performance); the numbers
     are untouched. The process keeps its peak heap until it exits instead of returning it
     between steps. Other C libraries (macOS, musl) have no ``mallopt``: nothing changes there.
     """

@@ -3,7 +3,7 @@
 torch's CPU dropout draws one random number per element with ``bernoulli_``, serially, and
 then scales in a second pass: in a distillation step of the default multi arm (TinyBERT's
 dropout 0.1 on the embeddings, every sublayer output and the 12 × 128 × 128 attention maps of
-each layer) that was 13 % of the whole step (docs/performance.md). Here a mask element costs
+each layer) that was 13 % of the whole step (README, Performance). Here a mask element costs
 half of one 32-bit draw (two 16-bit lanes per ``random_()`` integer, compared in one pass),
 and the mask is applied and scaled in one pass by ``native_dropout_backward`` (x·mask·scale,
 which autograd differentiates), about 2.2× faster than torch's dropout on a 25 M-element map.
